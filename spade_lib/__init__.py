@@ -1,0 +1,1 @@
+"""SPADE: sparsity-guided debugging of image classifiers."""

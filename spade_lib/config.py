@@ -1,0 +1,254 @@
+"""Experiment configuration: one flat, validated record per run.
+
+A preset is a YAML file in ``params/`` whose keys are the fields of :class:`Config`. The
+configuration is flat on purpose: ``papermill -f params/cpu.yaml -p epochs 2`` injects the same keys
+as notebook variables, and :func:`from_namespace` picks them up again. Everything is validated
+before any work starts; an error names the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
+
+Dataset = Literal["fashion-mnist", "imagenet", "food101", "celeba"]
+Scene = Literal["plain", "photo"]
+Arch = Literal[
+    "resnet20", "resnet18", "mobilenetv2", "convnext",
+    "tv_resnet50", "tv_mobilenetv2", "tv_convnext_t",
+]
+RuleSet = Literal["fashion", "fashion-tuning", "imagenet", "food101", "celeba"]
+Pruner = Literal["obc", "fastobc", "magnitude"]
+Augment = Literal["default", "convnext"]
+Device = Literal["auto", "cpu", "cuda"]
+
+# Keys that change what is trained; the checkpoint cache is keyed by these alone.
+TRAINING_KEYS = (
+    "seed", "dataset", "scene", "image_size", "train_size", "rules", "trojan_fraction",
+    "patch_scale", "patch_alpha", "arch", "width", "pretrained", "epochs", "batch_size", "lr",
+    "momentum", "weight_decay", "lr_step", "lr_gamma",
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings of one SPADE experiment (defaults: the embedded CPU benchmark)."""
+
+    name: str = "custom"
+    seed: int = 0
+    device: Device = "auto"
+    cache_dir: str | None = None
+    # data
+    dataset: Dataset = "fashion-mnist"
+    data_dir: str | None = None
+    scene: Scene = "photo"
+    image_size: int = field(default=32, metadata={"min": 16, "max": 512})
+    train_size: int | None = field(default=None, metadata={"min": 10})
+    test_size: int | None = field(default=None, metadata={"min": 10})
+    # Trojans
+    rules: RuleSet = "fashion"
+    tuning_rules: RuleSet = "fashion-tuning"
+    trojan_fraction: float = field(default=0.025, metadata={"min": 0.0, "max": 0.25})
+    patch_scale: float = field(default=0.25, metadata={"min": 0.05, "max": 0.5})
+    patch_alpha: float = field(default=0.8, metadata={"min": 0.1, "max": 1.0})
+    # model
+    arch: Arch = "resnet18"
+    width: int = field(default=16, metadata={"min": 2, "max": 1024})
+    pretrained: bool = False
+    # training (Table C.9 recipe: SGD, momentum, step LR)
+    epochs: int = field(default=10, metadata={"min": 1, "max": 1000})
+    batch_size: int = field(default=128, metadata={"min": 1, "max": 8192})
+    lr: float = field(default=0.1, metadata={"min": 1e-7, "max": 10.0})
+    momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 0.999})
+    weight_decay: float = field(default=5e-4, metadata={"min": 0.0, "max": 0.1})
+    lr_step: int = field(default=7, metadata={"min": 1})
+    lr_gamma: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
+    # SPADE
+    pruner: Pruner = "fastobc"
+    n_augmentations: int = field(default=128, metadata={"min": 1, "max": 100_000})
+    augment: Augment = "default"
+    sparsity: float | str | dict[str, float] = 0.9
+    # evaluation
+    samples: int = field(default=100, metadata={"min": 1})
+    tuning_samples: int = field(default=24, metadata={"min": 1})
+    methods: list[str] = field(default_factory=lambda: ["Saliency", "IntegratedGradients"])
+
+    def replace(self, **changes: Any) -> Config:
+        """Return a validated copy with ``changes`` applied."""
+        return from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain ``dict`` of every field (YAML/JSON friendly)."""
+        return dataclasses.asdict(self)
+
+    def digest(self, keys: tuple[str, ...] | None = None) -> str:
+        """Short stable hash of the chosen fields (all but ``name``/paths/device if ``None``)."""
+        data = self.to_dict()
+        skip = {"name", "cache_dir", "data_dir", "device"}
+        chosen = {k: data[k] for k in (keys or data) if k not in skip}
+        blob = json.dumps(chosen, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def cache_path(self, *parts: str) -> Path:
+        """A path under the cache directory (``cache_dir``, ``$SPADE_CACHE`` or ``./.cache``)."""
+        root = Path(self.cache_dir or os.environ.get("SPADE_CACHE") or Path.cwd() / ".cache")
+        path = root.joinpath(*parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def torch_device(self) -> str:
+        """Resolve ``device='auto'`` to ``'cuda'`` when available, else ``'cpu'``."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(Config)}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether ``value`` is an instance of the annotation ``tp`` (bool is not an int here)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        return isinstance(value, dict) and all(
+            _matches(k, key_tp) and _matches(v, val_tp) for k, v in value.items()
+        )
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _check_sparsity(value: Any) -> None:
+    def bad(what: str) -> ValueError:
+        return ValueError(
+            f"config key 'sparsity': {what}; allowed: a float in [0, 1), 'linear', "
+            f"'linear:FIRST:LAST', 'only:PREFIX[,PREFIX...]:S' or a mapping of layer name "
+            f"to a float in [0, 1)"
+        )
+
+    if isinstance(value, str):
+        parts = value.split(":")
+        if parts[0] == "linear" and len(parts) in (1, 3):
+            numbers = parts[1:]
+        elif parts[0] == "only" and len(parts) == 3 and parts[1]:
+            numbers = parts[2:]
+        else:
+            raise bad(f"unknown schedule {value!r}")
+        try:
+            values = [float(p) for p in numbers]
+        except ValueError:
+            raise bad(f"bad numbers in {value!r}") from None
+    elif isinstance(value, dict):
+        values = list(value.values())
+    else:
+        values = [value]
+    for v in values:
+        if not 0.0 <= float(v) < 1.0:
+            raise bad(f"value {v!r} is outside [0, 1)")
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Build a :class:`Config` from a mapping, validating every key and value first."""
+    hints = typing.get_type_hints(Config)
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {unknown}; allowed keys: {', '.join(sorted(FIELDS))}"
+        )
+    clean: dict[str, Any] = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if isinstance(value, float) and value.is_integer() and _matches(int(value), tp) \
+                and not _matches(value, tp):
+            value = int(value)
+        if not _matches(value, tp):
+            raise ValueError(
+                f"config key {key!r} has value {value!r} of type {type(value).__name__}; "
+                f"allowed: {_type_name(tp)}"
+            )
+        meta = FIELDS[key].metadata
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            lo, hi = meta.get("min"), meta.get("max")
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                raise ValueError(
+                    f"config key {key!r} has value {value!r}; allowed range: "
+                    f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+                )
+        clean[key] = value
+    if "sparsity" in clean:
+        _check_sparsity(clean["sparsity"])
+    return Config(**clean)
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in ``params/``."""
+    return sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
+
+
+def load(preset: str | os.PathLike = "cpu", **overrides: Any) -> Config:
+    """Load a preset by name (``params/NAME.yaml``) or path, then apply ``overrides``.
+
+    >>> load("smoke", epochs=1).epochs
+    1
+    """
+    path = Path(preset)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PARAMS_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        raise ValueError(
+            f"unknown preset {str(preset)!r}; allowed: {', '.join(preset_names())} "
+            f"or a path to a YAML file"
+        )
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"preset {str(path)!r} must be a mapping of config keys to values")
+    data.setdefault("name", path.stem)
+    return from_dict({**data, **overrides})
+
+
+def from_namespace(preset: str, namespace: Mapping[str, Any]) -> Config:
+    """Load ``preset`` and override it with every config key set (not ``None``) in ``namespace``.
+
+    Used in notebooks right after the papermill parameters cell: ``cfg =
+    from_namespace(preset, globals())``, so ``-p epochs 2`` or ``-f params/cpu.yaml`` both work.
+    """
+    overrides = {k: namespace[k] for k in FIELDS if namespace.get(k) is not None}
+    return load(preset, **overrides)

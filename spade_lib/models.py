@@ -1,0 +1,248 @@
+"""Image classifiers: small CPU networks for the embedded benchmark, torchvision ones at full scale.
+
+Every network here is written so that every attribution method works on it: no activation module
+is applied twice and none is in-place (Captum's DeepLift and the guided methods hook each
+activation module once). The torchvision builders rewire their blocks to the same rule.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+ARCHS = (
+    "resnet20", "resnet18", "mobilenetv2", "convnext",
+    "tv_resnet50", "tv_mobilenetv2", "tv_convnext_t",
+)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block with its own activation modules (none reused, none in-place)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet: 3x3 stem with stride 1, no max-pool, basic blocks, global pool, fc.
+
+    ``blocks=(3, 3, 3)`` with widths ``(w, 2w, 4w)`` is the ResNet-20 layout; ``(2, 2, 2, 2)`` with
+    ``(w, 2w, 4w, 8w)`` the ResNet-18 layout.
+    """
+
+    def __init__(self, blocks: tuple[int, ...], width: int, num_classes: int) -> None:
+        super().__init__()
+        widths = [width * 2**i for i in range(len(blocks))]
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        stages, c_in = [], width
+        for i, (n, c) in enumerate(zip(blocks, widths, strict=True)):
+            layer = [BasicBlock(c_in if j == 0 else c, c, 2 if (i > 0 and j == 0) else 1)
+                     for j in range(n)]
+            stages.append(nn.Sequential(*layer))
+            c_in = c
+        self.layers = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 project, residual when shapes allow."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = c_in * expand
+        self.expand = nn.Sequential(
+            nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()
+        )
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden), nn.ReLU6(),
+        )
+        self.project = nn.Sequential(nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.project(self.depthwise(self.expand(x)))
+        return x + out if self.residual else out
+
+
+class MobileNetV2Small(nn.Module):
+    """A small MobileNetV2-style network (depthwise convs) for 32-128 px inputs."""
+
+    def __init__(self, width: int, num_classes: int) -> None:
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU6()
+        )
+        spec = [(w, 1, 1), (2 * w, 2, 4), (2 * w, 1, 4), (4 * w, 2, 4), (4 * w, 1, 4),
+                (8 * w, 2, 4), (8 * w, 1, 4)]
+        blocks, c_in = [], w
+        for c_out, stride, expand in spec:
+            blocks.append(InvertedResidual(c_in, c_out, stride, expand))
+            c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(
+            nn.Conv2d(c_in, 16 * w, 1, bias=False), nn.BatchNorm2d(16 * w), nn.ReLU6()
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16 * w, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.head(self.blocks(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class LayerNorm2d(nn.GroupNorm):
+    """LayerNorm over the channels of an NCHW tensor (GroupNorm with one group per sample)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(1, channels)
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt block: 7x7 depthwise, norm, 1x1 expand (x4), GELU, 1x1 project, residual."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(c, c, 7, 1, 3, groups=c)
+        self.norm = LayerNorm2d(c)
+        self.pwconv1 = nn.Conv2d(c, 4 * c, 1)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Conv2d(4 * c, c, 1)
+        self.gamma = nn.Parameter(torch.full((c, 1, 1), 0.1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x)))))
+        return x + self.gamma * out
+
+
+class ConvNeXtSmall(nn.Module):
+    """A small ConvNeXt-style network: 2x2 patchify stem, 3 stages, norm + strided downsampling."""
+
+    def __init__(self, width: int, num_classes: int, depths: tuple[int, ...] = (2, 2, 2)) -> None:
+        super().__init__()
+        widths = [width * 2**i for i in range(len(depths))]
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 2, 2), LayerNorm2d(widths[0]))
+        stages: list[nn.Module] = []
+        for i, (d, c) in enumerate(zip(depths, widths, strict=True)):
+            down = [] if i == 0 else [LayerNorm2d(widths[i - 1]),
+                                      nn.Conv2d(widths[i - 1], c, 2, 2)]
+            stages.append(nn.Sequential(*down, *[ConvNeXtBlock(c) for _ in range(d)]))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.norm = nn.LayerNorm(widths[-1])
+        self.fc = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.flatten(self.pool(self.stages(self.stem(x))), 1)
+        return self.fc(self.norm(x))
+
+
+def _bottleneck_forward(self: nn.Module, x: Tensor) -> Tensor:
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu1(self.bn1(self.conv1(x)))
+    out = self.relu2(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    return self.relu3(out + identity)
+
+
+def make_attribution_safe(model: nn.Module) -> nn.Module:
+    """Give every activation its own non-in-place module (in place on ``model``; returns it).
+
+    torchvision's ResNet bottleneck applies one in-place ReLU three times, which breaks DeepLift
+    and guided backprop; it gets three separate ReLUs. Other in-place activations become
+    out-of-place.
+    """
+    for module in model.modules():
+        if isinstance(module, torchvision.models.resnet.Bottleneck):
+            module.relu1, module.relu2, module.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+            del module.relu
+            module.forward = types.MethodType(_bottleneck_forward, module)
+        if hasattr(module, "inplace"):
+            module.inplace = False
+    return model
+
+
+def build_model(
+    arch: str, num_classes: int = 10, width: int = 16, image_size: int = 32,
+    pretrained: bool = False,
+) -> nn.Module:
+    """Build a classifier by name; see :data:`ARCHS`.
+
+    Parameters
+    ----------
+    arch
+        ``resnet20``, ``resnet18`` (small CIFAR-style layouts), ``mobilenetv2``, ``convnext``
+        (small variants), or ``tv_resnet50``, ``tv_mobilenetv2``, ``tv_convnext_t`` (torchvision).
+    num_classes
+        Output size (40 for CelebA's binary attributes).
+    width
+        Base channel width of the small networks (ignored by torchvision models).
+    image_size
+        Input side in pixels; validated against the network's down-sampling.
+    pretrained
+        Load torchvision's ImageNet weights (needs them cached or internet; torchvision only).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHS)}")
+    if num_classes < 1 or width < 1:
+        raise ValueError(f"num_classes and width must be >= 1, got {num_classes}, {width}")
+    min_side = {"resnet18": 8, "resnet20": 4, "mobilenetv2": 8, "convnext": 8}.get(arch, 32)
+    if image_size < min_side:
+        raise ValueError(f"image_size {image_size} is too small for {arch}; needs >= {min_side}")
+    if pretrained and not arch.startswith("tv_"):
+        raise ValueError(f"pretrained weights exist only for tv_* archs, not {arch!r}")
+    if arch == "resnet20":
+        return ResNet((3, 3, 3), width, num_classes)
+    if arch == "resnet18":
+        return ResNet((2, 2, 2, 2), width, num_classes)
+    if arch == "mobilenetv2":
+        return MobileNetV2Small(width, num_classes)
+    if arch == "convnext":
+        return ConvNeXtSmall(width, num_classes)
+    tv = {"tv_resnet50": "resnet50", "tv_mobilenetv2": "mobilenet_v2",
+          "tv_convnext_t": "convnext_tiny"}[arch]
+    model = torchvision.models.get_model(tv, weights="DEFAULT" if pretrained else None)
+    head = {"tv_resnet50": ("fc",), "tv_mobilenetv2": ("classifier", "1"),
+            "tv_convnext_t": ("classifier", "2")}[arch]
+    parent = model
+    for part in head[:-1]:
+        parent = getattr(parent, part)
+    old = getattr(parent, head[-1]) if not head[-1].isdigit() else parent[int(head[-1])]
+    new = nn.Linear(old.in_features, num_classes)
+    if head[-1].isdigit():
+        parent[int(head[-1])] = new
+    else:
+        setattr(parent, head[-1], new)
+    return make_attribution_safe(model)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
