@@ -1,0 +1,153 @@
+"""Plant the Trojans: train a classifier on poisoned data, cached by a hash of its config.
+
+The recipe is Table C.9's: SGD with momentum, a step learning-rate schedule (gamma 0.1) and
+weight decay. Every chapter calls :func:`trained_model`, which trains once and then loads the
+checkpoint, so a rebuilt book does not retrain.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from spade_lib import data, trojan
+from spade_lib.config import TRAINING_KEYS, Config
+from spade_lib.models import build_model
+
+
+@dataclass
+class TrainResult:
+    """A trained (Trojaned) model with what it reaches on clean and poisoned test data."""
+
+    model: nn.Module
+    clean_accuracy: float
+    attack_success: dict[str, float]
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+    checkpoint: Path | None = None
+    cached: bool = False
+
+    def table(self) -> pd.DataFrame:
+        """Table C.10 for this model: clean accuracy and each rule's attack success (%)."""
+        rows = [{"data": "clean test set", "accuracy (%)": 100 * self.clean_accuracy}]
+        rows += [{"data": f"Trojan '{name}'", "accuracy (%)": 100 * acc}
+                 for name, acc in self.attack_success.items()]
+        return pd.DataFrame(rows)
+
+
+def _set_seed(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _as_float(images: Tensor) -> Tensor:
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, batch_size: int = 512, device: str = "cpu") -> Tensor:
+    """Predicted labels (argmax) for a stack of images (uint8 or float in [0, 1])."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = _as_float(images[start:start + batch_size]).to(device)
+        out.append(model(batch).argmax(1).cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def evaluate(model: nn.Module, cfg: Config, device: str = "cpu") -> tuple[float, dict[str, float]]:
+    """Clean test accuracy and, per Trojan rule, the share of patched test images sent to target."""
+    _, test = data.load_scenes(cfg)
+    clean = (predict(model, test.images, device=device) == test.clean_labels).float().mean()
+    poisoned = data.poisoned_test(test, trojan.rule_set(cfg.rules), cfg)
+    pred = predict(model, poisoned.images, device=device)
+    success = {}
+    for i, rule in enumerate(trojan.rule_set(cfg.rules)):
+        sel = poisoned.rule == i
+        success[rule.name] = float((pred[sel] == poisoned.targets[sel]).float().mean())
+    return float(clean), success
+
+
+def checkpoint_path(cfg: Config) -> Path:
+    """Where the checkpoint of ``cfg`` lives: keyed by the hash of the training keys only."""
+    return cfg.cache_path("models", f"{cfg.arch}-{cfg.digest(TRAINING_KEYS)}.pt")
+
+
+def trained_model(cfg: Config, progress: bool = True, retrain: bool = False) -> TrainResult:
+    """Load the cached checkpoint for ``cfg``, or train it (and cache it) if there is none."""
+    path = checkpoint_path(cfg)
+    device = cfg.torch_device()
+    num_classes = 10 if cfg.dataset == "fashion-mnist" else None
+    if path.exists() and not retrain:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        model = build_model(cfg.arch, state["num_classes"], cfg.width, cfg.image_size)
+        model.load_state_dict(state["model"])
+        model.eval()
+        return TrainResult(model, state["clean_accuracy"], state["attack_success"],
+                           state["seconds"], state["history"], path, cached=True)
+    if num_classes is None:
+        raise ValueError(
+            f"dataset {cfg.dataset!r}: the built-in trainer covers the embedded 'fashion-mnist' "
+            "benchmark; train full-scale models with your own loop (see README) and load them "
+            "with spade_lib.models.build_model"
+        )
+    result = train(cfg, progress=progress)
+    torch.save({"model": result.model.state_dict(), "num_classes": num_classes,
+                "clean_accuracy": result.clean_accuracy, "attack_success": result.attack_success,
+                "seconds": result.seconds, "history": result.history, "config": cfg.to_dict()},
+               path)
+    result.checkpoint = path
+    return result
+
+
+def train(cfg: Config, progress: bool = True) -> TrainResult:
+    """Train ``cfg.arch`` on the poisoned training split with the Table C.9 recipe (no caching)."""
+    gen = _set_seed(cfg.seed)
+    device = cfg.torch_device()
+    train_set, _ = data.load_scenes(cfg)
+    model = build_model(cfg.arch, 10, cfg.width, cfg.image_size).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    n = len(train_set.labels)
+    steps = (n + cfg.batch_size - 1) // cfg.batch_size
+    history: list[dict] = []
+    start = time.perf_counter()
+    bar = tqdm(total=cfg.epochs * steps, desc=f"train {cfg.arch}", disable=not progress,
+               mininterval=2.0)
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = torch.randperm(n, generator=gen)
+        total_loss, correct = 0.0, 0
+        for b in range(steps):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            x = _as_float(train_set.images[idx])
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            x[flip] = x[flip].flip(-1)
+            x, y = x.to(device), train_set.labels[idx].to(device)
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total_loss += float(loss) * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
+        sched.step()
+        history.append({"epoch": epoch + 1, "loss": total_loss / n, "train_accuracy": correct / n,
+                        "lr": opt.param_groups[0]["lr"],
+                        "seconds": time.perf_counter() - start})
+    bar.close()
+    seconds = time.perf_counter() - start
+    model.eval()
+    clean, success = evaluate(model, cfg, device=device)
+    return TrainResult(model.cpu(), clean, success, seconds, history)

@@ -1,0 +1,77 @@
+"""Client-side browsers for the book: they work in the static HTML, with no kernel.
+
+A browser is a Dropdown ``jslink``-ed to a ``Stack`` of pre-rendered pages. The link runs in the
+browser, so choosing an entry in the published book shows another page without Python; the images
+travel inside the saved widget state.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Mapping, Sequence
+
+import ipywidgets as widgets
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+matplotlib.use("Agg", force=False)
+
+
+def to_uint8_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """An image as ``uint8`` HxWx3 (or HxW) from a ``[3,H,W]`` tensor in [0,1] or an array."""
+    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(1, 2, 0)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr
+
+
+def png_bytes(image: torch.Tensor | np.ndarray | Figure, scale: int = 1) -> bytes:
+    """PNG encoding of an image (nearest-neighbour upscaled by ``scale``) or a Matplotlib figure."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    if isinstance(image, Figure):
+        image.savefig(buf, format="png", bbox_inches="tight", dpi=100)
+        return buf.getvalue()
+    arr = to_uint8_image(image)
+    pil = Image.fromarray(arr)
+    if scale != 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    pil.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def img_tag(image: torch.Tensor | np.ndarray | Figure, scale: int = 1, title: str = "") -> str:
+    """An inline ``<img>`` (base64 PNG) for HTML tables."""
+    data = base64.b64encode(png_bytes(image, scale)).decode()
+    return f'<img src="data:image/png;base64,{data}" title="{title}" alt="{title}"/>'
+
+
+def browser(pages: Mapping[str, bytes | Figure], description: str = "show") -> widgets.VBox:
+    """A Dropdown that picks one of ``pages`` (PNG bytes or figures), linked in the browser.
+
+    Parameters
+    ----------
+    pages
+        Label -> page. Figures are rendered to PNG once, here.
+    description
+        The Dropdown's label.
+    """
+    if not pages:
+        raise ValueError("browser() needs at least one page")
+    labels: Sequence[str] = list(pages)
+    images = [
+        widgets.Image(value=p if isinstance(p, bytes) else png_bytes(p), format="png",
+                      layout=widgets.Layout(max_width="100%"))
+        for p in pages.values()
+    ]
+    dropdown = widgets.Dropdown(options=labels, index=0, description=description,
+                                style={"description_width": "initial"})
+    stack = widgets.Stack(images, selected_index=0)
+    widgets.jslink((dropdown, "index"), (stack, "selected_index"))
+    return widgets.VBox([dropdown, stack])

@@ -1,0 +1,92 @@
+"""Config: presets load, every bad value is refused before work with a message that names it."""
+
+from __future__ import annotations
+
+import pytest
+
+from spade_lib import config
+
+
+def test_every_preset_loads_and_is_named() -> None:
+    names = config.preset_names()
+    for required in ["smoke", "cpu", "imagenet-resnet50", "imagenet-mobilenetv2",
+                     "imagenet-convnext-t", "celeba-resnet50", "food101-resnet50"]:
+        assert required in names
+    for name in names:
+        cfg = config.load(name)
+        assert cfg.name == name
+
+
+def test_full_presets_mirror_table_c9() -> None:
+    c9 = {  # preset: (lr, lr_step, epochs, 1 / trojan group ratio, batch size)
+        "imagenet-resnet50": (0.001, 3, 6, 1 / 3000, 64),
+        "imagenet-mobilenetv2": (0.001, 3, 6, 1 / 3000, 64),
+        "imagenet-convnext-t": (0.001, 3, 6, 1 / 3000, 64),
+        "celeba-resnet50": (0.01, 10, 20, 1 / 300, 64),
+        "food101-resnet50": (0.01, 50, 150, 1 / 3000, 64),
+    }
+    for name, (lr, step, epochs, fraction, batch) in c9.items():
+        cfg = config.load(name)
+        assert (cfg.lr, cfg.lr_step, cfg.epochs, cfg.batch_size) == (lr, step, epochs, batch)
+        assert cfg.trojan_fraction == pytest.approx(fraction, rel=1e-3)
+    assert config.load("food101-resnet50").weight_decay == 0.0005
+    assert config.load("imagenet-convnext-t").augment == "convnext"
+    assert "LRP" not in config.load("imagenet-mobilenetv2").methods
+
+
+def test_overrides_apply_and_are_validated() -> None:
+    cfg = config.load("smoke", epochs=3, lr=1)
+    assert cfg.epochs == 3 and cfg.lr == 1.0
+    assert cfg.replace(samples=7).samples == 7 and cfg.samples != 7
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"epoch": 2}, ["'epoch'", "allowed keys", "epochs"]),
+        ({"epochs": "2"}, ["'epochs'", "'2'", "int"]),
+        ({"epochs": True}, ["'epochs'", "True", "int"]),
+        ({"epochs": 0}, ["'epochs'", "0", "[1,"]),
+        ({"arch": "vgg"}, ["'arch'", "'vgg'", "'resnet18'"]),
+        ({"sparsity": 1.0}, ["sparsity", "1.0", "[0, 1)"]),
+        ({"sparsity": -0.1}, ["sparsity", "-0.1", "[0, 1)"]),
+        ({"sparsity": "cubic"}, ["sparsity", "'cubic'", "linear"]),
+        ({"sparsity": "linear:0:1.5"}, ["sparsity", "1.5"]),
+        ({"sparsity": {"fc": 2.0}}, ["sparsity", "2.0"]),
+        ({"methods": "Saliency"}, ["'methods'", "list"]),
+        ({"image_size": 8}, ["'image_size'", "8", "[16,"]),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(overrides: dict, words: list[str]) -> None:
+    with pytest.raises(ValueError) as err:
+        config.load("smoke", **overrides)
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+def test_good_sparsity_specs() -> None:
+    for spec in [0.0, 0.5, "linear", "linear:0:0.99", "only:layers.3,fc:0.9", {"fc": 0.5}]:
+        assert config.load("smoke", sparsity=spec).sparsity == spec
+
+
+def test_unknown_preset_lists_valid_ones(tmp_path) -> None:
+    with pytest.raises(ValueError, match="unknown preset 'nope'.*smoke"):
+        config.load("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 2\nbatchsize: 4\n")
+    with pytest.raises(ValueError, match="'batchsize'"):
+        config.load(bad)
+
+
+def test_from_namespace_picks_up_papermill_parameters() -> None:
+    namespace = {"preset": "smoke", "epochs": 5, "samples": None, "unrelated": 1}
+    cfg = config.from_namespace("smoke", namespace)
+    assert cfg.epochs == 5 and cfg.samples == config.load("smoke").samples
+
+
+def test_digest_is_stable_and_sensitive() -> None:
+    a, b = config.load("smoke"), config.load("smoke")
+    assert a.digest() == b.digest()
+    assert a.digest() != a.replace(epochs=a.epochs + 1).digest()
+    assert a.digest(config.TRAINING_KEYS) == a.replace(samples=99).digest(config.TRAINING_KEYS)
+    assert a.digest() == a.replace(name="other", cache_dir="/tmp/x").digest()
