@@ -75,3 +75,53 @@ def browser(pages: Mapping[str, bytes | Figure], description: str = "show") -> w
     stack = widgets.Stack(images, selected_index=0)
     widgets.jslink((dropdown, "index"), (stack, "selected_index"))
     return widgets.VBox([dropdown, stack])
+
+
+def overlay_mask(image: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray,
+                 color: tuple[float, float, float] = (1.0, 0.0, 1.0)) -> np.ndarray:
+    """The image with the mask's outline drawn in ``color`` (float HxWx3 in [0, 1])."""
+    from scipy import ndimage
+
+    img = to_uint8_image(image).astype(np.float32) / 255.0
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    m = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask, dtype=bool)
+    edge = m & ~ndimage.binary_erosion(m)
+    img[edge] = color
+    return img
+
+
+def image_grid(
+    rows: Sequence[Sequence[torch.Tensor | np.ndarray]],
+    row_titles: Sequence[str] | None = None,
+    col_titles: Sequence[str] | None = None,
+    cell: float = 1.3,
+    cmap: str = "gray",
+) -> Figure:
+    """A figure with one image per cell (colour images, or 2-D maps drawn with ``cmap``)."""
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    fig = Figure(figsize=(cell * n_cols + (1.2 if row_titles else 0), cell * n_rows))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c >= len(row):
+                continue
+            arr = row[c]
+            arr = arr.detach().cpu().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
+            if arr.ndim == 3 and arr.shape[0] in (1, 3):
+                arr = arr.transpose(1, 2, 0)
+            if arr.ndim == 2:
+                ax.imshow(arr, cmap=cmap, interpolation="nearest")
+            else:
+                ax.imshow(np.clip(arr, 0, 1), interpolation="nearest")
+            if r == 0 and col_titles and c < len(col_titles):
+                ax.set_title(col_titles[c], fontsize=8)
+        if row_titles:
+            axes[r][0].set_ylabel(row_titles[r], fontsize=8, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    return fig

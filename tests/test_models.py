@@ -8,8 +8,15 @@ import pytest
 import torch
 import torchvision
 from captum.attr import (
-    DeepLift, GradientShap, GuidedBackprop, GuidedGradCam, InputXGradient, IntegratedGradients,
-    Lime, Occlusion, Saliency,
+    DeepLift,
+    GradientShap,
+    GuidedBackprop,
+    GuidedGradCam,
+    InputXGradient,
+    IntegratedGradients,
+    Lime,
+    Occlusion,
+    Saliency,
 )
 from torch import nn
 
@@ -25,8 +32,11 @@ def _side(arch: str) -> int:
 def _activation_calls(model: nn.Module, x: torch.Tensor) -> dict[nn.Module, int]:
     calls: dict[nn.Module, int] = {}
     acts = (nn.ReLU, nn.ReLU6, nn.GELU)
-    hooks = [m.register_forward_hook(lambda mod, i, o: calls.__setitem__(mod, calls.get(mod, 0) + 1))
-             for m in model.modules() if isinstance(m, acts)]
+
+    def count(module: nn.Module, inputs: object, output: object) -> None:
+        calls[module] = calls.get(module, 0) + 1
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, acts)]
     try:
         model(x)
     finally:

@@ -1,0 +1,102 @@
+"""Build the book at the smoke preset, serve it on 127.0.0.1, drive it in headless Chromium.
+
+Checks that the client-side widget renders from the saved state, that choosing another entry
+changes what is shown (with no kernel), and that no request fails or leaves the machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The book built at the smoke preset into a temporary folder."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian chromium is missing: run `make test` (it installs it)")
+    out = tmp_path_factory.mktemp("book")
+    env = {**os.environ, "SPADE_PRESET": "smoke"}
+    jb = Path(sys.executable).parent / "jupyter-book"
+    proc = subprocess.run([str(jb), "build", str(ROOT / "book"), "--path-output", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    html = out / "_build" / "html"
+    assert (html / "index.html").exists()
+    return html
+
+
+@pytest.fixture(scope="module")
+def server(site: Path) -> Iterator[str]:
+    handler = functools.partial(_QuietHandler, directory=str(site))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _visible_images(page) -> list[str]:
+    images = page.locator(".jupyter-widgets img")
+    return [images.nth(i).get_attribute("src") or "" for i in range(images.count())
+            if images.nth(i).is_visible()]
+
+
+def test_widget_js_is_local_and_no_cdn_is_named(site: Path) -> None:
+    page = (site / "hyperparameters.html").read_text()
+    assert (site / "require.js").exists() and (site / "embed-amd.js").exists()
+    for cdn in ("cdn.jsdelivr", "cdnjs.cloudflare", "unpkg.com"):
+        assert cdn not in page, cdn
+    assert "application/vnd.jupyter.widget-state+json" in page
+
+
+def test_rule_browser_renders_and_reacts(server: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    failed: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-background-networking", "--disable-gpu",
+                  "--disable-component-update", "--no-first-run"],
+        )
+        page = browser.new_page()
+        page.on("requestfailed", lambda r: failed.append(f"failed {r.url}"))
+        page.on("response", lambda r: r.status >= 400 and failed.append(f"{r.status} {r.url}"))
+        page.on("request", lambda r: urlparse(r.url).hostname not in ("127.0.0.1", None)
+                and not r.url.startswith("data:") and failed.append(f"external {r.url}"))
+        page.goto(f"{server}/hyperparameters.html", wait_until="networkidle")
+        select = page.locator(".jupyter-widgets select").first
+        select.wait_for(state="visible", timeout=30_000)
+        page.wait_for_function("document.querySelectorAll('.jupyter-widgets img').length > 0")
+        before = _visible_images(page)
+        options = select.locator("option").all_inner_texts()
+        assert len(options) >= 2 and len(before) == 1
+        select.select_option(index=1)
+        page.wait_for_timeout(500)
+        after = _visible_images(page)
+        assert len(after) == 1 and after != before, "choosing another rule changed nothing"
+        select.select_option(index=0)
+        page.wait_for_timeout(500)
+        assert _visible_images(page) == before
+        page.goto(f"{server}/index.html", wait_until="networkidle")
+        browser.close()
+    assert not failed, failed
