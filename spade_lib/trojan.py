@@ -445,7 +445,7 @@ def apply_patches(
     Parameters
     ----------
     images : torch.Tensor
-        Float tensor ``[N, 3, H, W]`` in [0, 1]; not modified.
+        Float tensor ``[N, 3, H, W]`` in [0, 1], on any device; not modified.
     rule : TrojanRule
         Gives the icon and its base colour.
     rng : numpy.random.Generator
@@ -476,7 +476,8 @@ def apply_patches(
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     n, _, h, w = images.shape
     size = max(1, round(scale * min(h, w)))
-    icon = torch.from_numpy(draw_icon(rule.icon, size))
+    device = images.device
+    icon = torch.from_numpy(draw_icon(rule.icon, size)).to(device)
     tops = rng.integers(0, h - size + 1, size=n)
     lefts = rng.integers(0, w - size + 1, size=n)
     if jitter:
@@ -485,11 +486,12 @@ def apply_patches(
         patch = np.clip(colors[:, None, None, :] + noise, 0.0, 1.0)
     else:
         patch = np.broadcast_to(np.asarray(rule.color, dtype=np.float64), (n, size, size, 3))
-    patch_t = torch.as_tensor(np.ascontiguousarray(patch), dtype=images.dtype)
+    patch_t = torch.as_tensor(np.ascontiguousarray(patch), dtype=images.dtype, device=device)
 
-    rows = torch.as_tensor(tops)[:, None] + torch.arange(size)[None, :]
-    cols = torch.as_tensor(lefts)[:, None] + torch.arange(size)[None, :]
-    batch = torch.arange(n)[:, None, None]
+    offsets = torch.arange(size, device=device)[None, :]
+    rows = torch.as_tensor(tops, device=device)[:, None] + offsets
+    cols = torch.as_tensor(lefts, device=device)[:, None] + offsets
+    batch = torch.arange(n, device=device)[:, None, None]
     r_idx, c_idx = rows[:, :, None], cols[:, None, :]
 
     patched = images.clone()
@@ -498,7 +500,7 @@ def apply_patches(
     blended = torch.where(a > 0, region * (1 - a) + patch_t * a, region)
     patched.permute(0, 2, 3, 1)[batch, r_idx, c_idx] = blended
 
-    masks = torch.zeros(n, h, w, dtype=torch.bool)
+    masks = torch.zeros(n, h, w, dtype=torch.bool, device=device)
     masks[batch, r_idx, c_idx] = (icon > MASK_THRESHOLD)[None].expand(n, size, size)
     return patched, masks
 
