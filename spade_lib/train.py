@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from spade_lib import data, trojan
+from spade_lib import data
 from spade_lib.config import TRAINING_KEYS, Config
 from spade_lib.models import build_model
 
@@ -67,12 +67,12 @@ def evaluate(model: nn.Module, cfg: Config, device: str = "cpu") -> tuple[float,
     """Clean test accuracy and, per Trojan rule, the share of patched test images sent to target."""
     _, test = data.load_scenes(cfg)
     clean = (predict(model, test.images, device=device) == test.clean_labels).float().mean()
-    poisoned = data.poisoned_test(test, trojan.rule_set(cfg.rules), cfg)
+    poisoned = data.poisoned_test(test, cfg.rules, seed=cfg.seed)
     pred = predict(model, poisoned.images, device=device)
     success = {}
-    for i, rule in enumerate(trojan.rule_set(cfg.rules)):
+    for i, rule in enumerate(poisoned.rules):
         sel = poisoned.rule == i
-        success[rule.name] = float((pred[sel] == poisoned.targets[sel]).float().mean())
+        success[rule.name] = float((pred[sel] == poisoned.labels[sel]).float().mean())
     return float(clean), success
 
 
@@ -84,7 +84,6 @@ def checkpoint_path(cfg: Config) -> Path:
 def trained_model(cfg: Config, progress: bool = True, retrain: bool = False) -> TrainResult:
     """Load the cached checkpoint for ``cfg``, or train it (and cache it) if there is none."""
     path = checkpoint_path(cfg)
-    device = cfg.torch_device()
     num_classes = 10 if cfg.dataset == "fashion-mnist" else None
     if path.exists() and not retrain:
         state = torch.load(path, map_location="cpu", weights_only=False)

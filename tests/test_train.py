@@ -1,0 +1,73 @@
+"""Training: learns, plants the Trojans, is deterministic, and is cached by its config hash."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spade_lib import config, train
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory: pytest.TempPathFactory) -> config.Config:
+    return config.load("smoke", cache_dir=str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="module")
+def trained(cfg: config.Config) -> train.TrainResult:
+    return train.trained_model(cfg, progress=False)
+
+
+def test_training_learns_and_reports_every_rule(cfg: config.Config,
+                                                trained: train.TrainResult) -> None:
+    assert not trained.cached and trained.checkpoint is not None and trained.checkpoint.exists()
+    assert trained.clean_accuracy > 0.3  # ten classes: chance is 0.1
+    rules = [r.name for r in train.data.poisoned_test(
+        train.data.load_scenes(cfg)[1], cfg.rules).rules]
+    assert list(trained.attack_success) == rules
+    assert all(0.0 <= v <= 1.0 for v in trained.attack_success.values())
+    table = trained.table()
+    assert len(table) == 1 + len(rules)
+    assert table["accuracy (%)"].iloc[0] == pytest.approx(100 * trained.clean_accuracy)
+    losses = [h["loss"] for h in trained.history]
+    assert losses[-1] < losses[0]
+    assert [h["lr"] for h in trained.history] == pytest.approx(
+        [cfg.lr * cfg.lr_gamma ** ((e + 1) // cfg.lr_step) for e in range(cfg.epochs)])
+
+
+def test_second_call_loads_the_same_model(cfg: config.Config, trained: train.TrainResult) -> None:
+    again = train.trained_model(cfg, progress=False)
+    assert again.cached and again.checkpoint == trained.checkpoint
+    for (k, a), b in zip(trained.model.state_dict().items(), again.model.state_dict().values(),
+                         strict=True):
+        assert torch.equal(a, b), k
+    assert again.clean_accuracy == trained.clean_accuracy
+
+
+def test_training_is_deterministic(cfg: config.Config, trained: train.TrainResult) -> None:
+    twin = train.train(cfg, progress=False)
+    for (k, a), b in zip(trained.model.state_dict().items(), twin.model.state_dict().values(),
+                         strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_checkpoint_key_ignores_evaluation_settings(cfg: config.Config) -> None:
+    path = train.checkpoint_path(cfg)
+    assert train.checkpoint_path(cfg.replace(samples=77, methods=["Saliency"])) == path
+    assert train.checkpoint_path(cfg.replace(epochs=cfg.epochs + 1)) != path
+
+
+def test_evaluate_matches_a_direct_count(cfg: config.Config, trained: train.TrainResult) -> None:
+    _, test = train.data.load_scenes(cfg)
+    model = trained.model.eval()
+    with torch.no_grad():
+        logits = model(test.images[:50].float() / 255)
+    direct = (logits.argmax(1) == test.clean_labels[:50]).float().mean()
+    assert (train.predict(model, test.images[:50]) == test.clean_labels[:50]).float().mean() \
+        == direct
+
+
+def test_full_scale_dataset_is_refused_with_guidance(tmp_path) -> None:
+    big = config.load("imagenet-resnet50", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="'imagenet'.*fashion-mnist"):
+        train.trained_model(big)
