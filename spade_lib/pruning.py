@@ -404,9 +404,9 @@ def _damped_inverse(h: Tensor, damp: float, upper: bool) -> tuple[Tensor, Tensor
     """
     eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
     mean_diag = h.diagonal(dim1=-2, dim2=-1).mean(-1)
-    damps = torch.full_like(mean_diag, damp)
+    damps = torch.full(mean_diag.shape, float(damp), dtype=torch.float64, device=h.device)
     for _ in range(MAX_DAMP_TRIES):
-        hd = h + (damps * mean_diag)[:, None, None] * eye
+        hd = h + (damps * mean_diag).to(h.dtype)[:, None, None] * eye
         if upper:
             chol, info = torch.linalg.cholesky_ex(hd.flip(-2, -1))
             inv = _tril_inverse(chol).flip(-2, -1)
@@ -543,7 +543,7 @@ def _solve(
     h = hessians.to(weight.device, dtype)
     S, n = h.shape[0], h.shape[-1]
     w = weight.detach().flatten(1).to(dtype).expand(S, -1, -1)
-    damps = torch.zeros(S, dtype=dtype, device=w.device)
+    damps = torch.zeros(S, dtype=torch.float64)
     if method == "magnitude":
         out = _magnitude(w, sparsity)
     else:
