@@ -137,10 +137,10 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total_loss += float(loss) * len(idx)
+            total_loss += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
         sched.step()
         history.append({"epoch": epoch + 1, "loss": total_loss / n, "train_accuracy": correct / n,
                         "lr": opt.param_groups[0]["lr"],

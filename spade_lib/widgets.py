@@ -12,12 +12,16 @@ import io
 from collections.abc import Mapping, Sequence
 
 import ipywidgets as widgets
-import matplotlib
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-matplotlib.use("Agg", force=False)
+
+class Picture(Figure):
+    """A Matplotlib figure that shows itself as a PNG in notebooks (no pyplot state needed)."""
+
+    def _repr_png_(self) -> bytes:
+        return png_bytes(self)
 
 
 def to_uint8_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -97,10 +101,10 @@ def image_grid(
     col_titles: Sequence[str] | None = None,
     cell: float = 1.3,
     cmap: str = "gray",
-) -> Figure:
+) -> Picture:
     """A figure with one image per cell (colour images, or 2-D maps drawn with ``cmap``)."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    fig = Figure(figsize=(cell * n_cols + (1.2 if row_titles else 0), cell * n_rows))
+    fig = Picture(figsize=(cell * n_cols + (1.2 if row_titles else 0), cell * n_rows))
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for r, row in enumerate(rows):
         for c in range(n_cols):
