@@ -38,6 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+__all__ = [
+    "METHODS", "LinearSchedule", "OnlyBlocks", "PruneInfo", "SparsitySpec", "check_method",
+    "conv_columns", "default_layers", "eval_mode", "layer_hessians", "linear", "only",
+    "prunable_layers", "prune_layer", "prune_layer_batch", "reconstruction_errors",
+    "resolve_sparsity", "select_layers",
+]
+
 METHODS = ("fastobc", "obc", "magnitude")
 OPTIONS = {
     "fastobc": ("damp", "mask_group", "block_size"),
@@ -461,23 +468,22 @@ def _fastobc(w: Tensor, u: Tensor, sparsity: float, group: int, block: int) -> T
     """
     S, rows, n = w.shape
     wt = w.transpose(1, 2).contiguous()          # [S, n, rows]: one column per contiguous row
-    d = u.diagonal(dim1=-2, dim2=-1)             # [S, n]
-    pruned = torch.zeros_like(wt, dtype=torch.bool)
-    scale = torch.zeros_like(wt)                 # mask / U_jj: err_j = w_j * scale_j
+    dinv = 1 / u.diagonal(dim1=-2, dim2=-1)      # [S, n]
+    scale = torch.zeros_like(wt)                 # pruned / U_jj, so that err_j = w_j * scale_j
     for i1, i2 in _lazy_blocks(n, group, block):
         err = torch.empty(S, i2 - i1, rows, dtype=w.dtype, device=w.device)
         for j in range(i1, i2):
             if j % group == 0:
                 g = slice(j, min(j + group, n))
-                scores = (wt[:, g] / d[:, g, None]) ** 2
-                pruned[:, g] = _select_smallest(scores, _round(sparsity * scores[0].numel()))
-                scale[:, g] = pruned[:, g] / d[:, g, None]
+                scores = wt[:, g].abs() * dinv[:, g, None]      # same order as w^2 / U_jj^2
+                mask = _select_smallest(scores, _round(sparsity * scores[0].numel()))
+                torch.mul(mask, dinv[:, g, None], out=scale[:, g])
             torch.mul(wt[:, j], scale[:, j], out=err[:, j - i1])
             if j + 1 < i2:
                 wt[:, j + 1:i2].baddbmm_(u[:, j, j + 1:i2, None], err[:, j - i1, None], alpha=-1)
         if i2 < n:
             wt[:, i2:].baddbmm_(u[:, i1:i2, i2:].transpose(1, 2), err, alpha=-1)
-    return wt.masked_fill_(pruned, 0.0).transpose(1, 2)
+    return wt.masked_fill_(scale != 0, 0.0).transpose(1, 2)
 
 
 def _obc(w: Tensor, hd: Tensor, hinv: Tensor, sparsity: float, batch_bytes: int) -> Tensor:

@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from spade_lib import pruning
 
+__all__ = ["RECIPES", "Trace", "augment", "check_image", "trace", "trace_batch"]
+
 RECIPES = ("default", "convnext")
 
 

@@ -212,7 +212,8 @@ def test_trace_with_other_pruners(model, image, pruner, options):
 def test_trace_schedules_and_layer_patterns(model, image):
     tr = trace(model, image, sparsity=pruning.only("conv2", 0.9), **FAST)
     assert list(tr.report.layer) == ["conv2"]
-    tr = trace(model, image, sparsity=pruning.linear(0.2, 0.8), layers="conv*", **FAST)
+    tr = trace(model, image, sparsity=pruning.linear(0.2, 0.8), layers="conv*", progress=True,
+               **FAST)
     assert tr.report.target.tolist() == pytest.approx([0.2, 0.8])
 
 
