@@ -346,7 +346,8 @@ def insertion_deletion_curves(
     Parameters
     ----------
     model
-        Classifier returning logits; run in eval mode without gradients, its flags restored.
+        Classifier returning logits; run in eval mode without gradients, its flags restored. The
+        image is moved to the model's device.
     image
         ``[C, H, W]`` (or ``[1, C, H, W]``).
     saliency_2d
@@ -383,7 +384,8 @@ def insertion_deletion_curves(
         raise ValueError(f"unknown baseline {baseline!r}; allowed: {', '.join(BASELINES)}")
     if isinstance(target, bool) or not isinstance(target, int | np.integer):
         raise ValueError(f"target must be an int, got {target!r}")
-    x = x.detach()
+    device = next((p.device for p in model.parameters()), x.device)
+    x = x.detach().to(device)
     if baseline == "zero":
         base = torch.zeros_like(x)
     else:
