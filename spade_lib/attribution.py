@@ -27,7 +27,9 @@ Choices (defaults; every one is an option of :func:`attribute`):
 - Lime: SLIC superpixels (``n_segments=50``, ``compactness=10``) from scikit-image, 200 samples,
   switched-off superpixels set to 0, Captum's Lasso (``alpha=0.01``) and similarity kernel.
 - Occlusion: a black square of side ``max(2, side // 8)`` over all channels, stride half of it
-  (4 and 2 at 32 px, 28 and 14 at 224 px).
+  (4 and 2 at 32 px, 28 and 14 at 224 px). Occlusion and IntegratedGradients run about
+  :data:`IMAGES_PER_PASS` images per forward pass (options ``perturbations_per_eval`` and
+  ``internal_batch_size``), which bounds memory and does not change the result.
 - GradientShap: references are a black image and 3 uniform-noise images, 25 samples, no input
   noise.
 - LRP: see :func:`lrp_composite` and :func:`lrp_canonizers`. Biases keep their share of relevance
@@ -586,6 +588,10 @@ def _lime(model: nn.Module, x: Tensor, t: Tensor, o: dict[str, Any]) -> tuple[Te
 # Mixed methods (the paper's grouping)
 # --------------------------------------------------------------------------------------------
 
+IMAGES_PER_PASS = 128
+"""Default number of images per forward pass of Occlusion and IntegratedGradients (memory cap)."""
+
+
 def occlusion_window(height: int, width: int) -> tuple[int, int]:
     """Default occlusion ``(window, stride)`` for an image: ``max(2, side // 8)`` and half that."""
     window = max(2, min(height, width) // 8)
@@ -594,13 +600,15 @@ def occlusion_window(height: int, width: int) -> tuple[int, int]:
 
 @register("Occlusion", "mixed", "Slides a black square over the image and records how much the "
           "class score drops when each region is hidden.",
-          window=None, stride=None, baseline=0.0, perturbations_per_eval=64)
+          window=None, stride=None, baseline=0.0, perturbations_per_eval=None)
 def _occlusion(model: nn.Module, x: Tensor, t: Tensor, o: dict[str, Any]) -> tuple[Tensor, dict]:
     from captum.attr import Occlusion
 
     window, stride = occlusion_window(x.shape[2], x.shape[3])
     o["window"] = window if o["window"] is None else o["window"]
     o["stride"] = stride if o["stride"] is None else o["stride"]
+    if o["perturbations_per_eval"] is None:
+        o["perturbations_per_eval"] = max(1, IMAGES_PER_PASS // x.shape[0])
     _check_positive_int(o, "window", "stride", "perturbations_per_eval")
     if o["window"] > min(x.shape[2:]):
         raise ValueError(f"Occlusion window {o['window']} is larger than the image "
@@ -621,12 +629,17 @@ def _integrated_gradients(model: nn.Module, x: Tensor, t: Tensor,
                           o: dict[str, Any]) -> tuple[Tensor, dict]:
     from captum.attr import IntegratedGradients
 
-    _check_positive_int(o, "n_steps")
-    if o["internal_batch_size"] is not None:
-        _check_positive_int(o, "internal_batch_size")
+    if o["internal_batch_size"] is None:
+        o["internal_batch_size"] = IMAGES_PER_PASS
+    _check_positive_int(o, "n_steps", "internal_batch_size")
+    if o["method"] not in ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right",
+                           "riemann_middle"):
+        raise ValueError(f"IntegratedGradients: unknown method {o['method']!r}; allowed: "
+                         "gausslegendre, riemann_trapezoid, riemann_left, riemann_right, "
+                         "riemann_middle")
     attr, delta = IntegratedGradients(model).attribute(
         x, target=t, baselines=float(o["baseline"]), n_steps=int(o["n_steps"]),
-        method=o["method"], internal_batch_size=o["internal_batch_size"],
+        method=o["method"], internal_batch_size=max(o["internal_batch_size"], x.shape[0]),
         return_convergence_delta=True)
     return attr, {"convergence_delta": delta.detach()}
 
