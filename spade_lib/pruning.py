@@ -30,6 +30,7 @@ import contextlib
 import fnmatch
 import math
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -573,6 +574,10 @@ def _solve(
     seconds = (time.perf_counter() - start) / S
     errors, refs = reconstruction_errors(weight.detach().flatten(1).to(dtype), out, h)
     achieved = (out == 0).flatten(1).double().mean(1).tolist()
+    if sparsity > 0 and min(achieved) == 0:
+        warnings.warn(f"{method} pruned no weight of a {tuple(weight.shape)} layer at sparsity "
+                      f"{sparsity}: the per-group budget rounds to zero (use a larger mask_group)",
+                      RuntimeWarning, stacklevel=3)
     infos = [
         PruneInfo(method, sparsity, achieved[s], float(damps[s]), errors[s],
                   _ratio(errors[s], refs[s]), seconds)

@@ -306,6 +306,15 @@ def test_sparsity_is_exact_up_to_documented_rounding(sparsity):
     assert (out == 0).sum(0).tolist() == [math.floor(sparsity * 10 + 0.5)] * 12
 
 
+def test_a_layer_left_dense_by_rounding_is_reported():
+    w, h = random_layer((2, 3, 2, 2), 0)
+    with pytest.warns(RuntimeWarning, match="pruned no weight"):
+        out, info = prune_layer(w, h, 0.05, "fastobc")   # round(0.05 * 2 * 4) = 0 per group
+    assert info.sparsity == 0.0
+    out, info = prune_layer(w, h, 0.05, "fastobc", mask_group="row")
+    assert int((out == 0).sum()) == 1
+
+
 def test_deterministic_and_input_untouched():
     w, h = random_layer((6, 3, 3, 3), 0)
     w32, h32 = w.float(), h.float()
