@@ -56,6 +56,13 @@ from torch import Tensor, nn
 
 from spade_lib.metrics import AGGREGATIONS, aggregate
 
+__all__ = [
+    "DESCRIPTIONS", "GROUPS", "GROUP_NAMES", "IMAGES_PER_PASS", "METHODS", "Attribution", "Method",
+    "attribute", "available", "check_lrp_supported", "default_cam_layer", "get_method",
+    "gradient_shap_baselines", "lrp_canonizers", "lrp_composite", "lrp_relevance",
+    "methods_table", "occlusion_window", "register", "superpixels",
+]
+
 GROUP_NAMES = ("gradient", "perturbation", "mixed")
 
 MethodFn = Callable[[nn.Module, Tensor, Tensor, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
@@ -230,7 +237,10 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 
     Captum's GradientShap draws from numpy's global RNG, Lime from torch's.
     """
-    cuda = [device.index or 0] if device.type == "cuda" else []
+    if device.type == "cuda":
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+    else:
+        cuda = []
     state = np.random.get_state()
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
@@ -271,8 +281,7 @@ def _check_target(target: Any, n: int, num_classes: int, device: torch.device) -
     bad = t[(t < 0) | (t >= num_classes)]
     if bad.numel():
         raise ValueError(f"target {sorted(set(bad.tolist()))} out of range; the model has "
-                         f"{num_classes} "
-                         f"classes (0..{num_classes - 1})")
+                         f"{num_classes} classes (0..{num_classes - 1})")
     return t.to(device=device, dtype=torch.long)
 
 
@@ -691,16 +700,13 @@ DESCRIPTIONS: dict[str, str] = {name: _REGISTRY[name].description for name in ME
 """Method name -> one sentence on what it computes."""
 
 
-@contextmanager
-def _private_copy(model: nn.Module) -> Iterator[nn.Module]:
-    """A deep copy of ``model`` in eval mode with frozen parameters, dropped afterwards."""
+def _private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in eval mode with frozen parameters: hooks, canonizers and mode
+    changes of the methods stay on it."""
     work = copy.deepcopy(model).eval()
     for p in work.parameters():
         p.requires_grad_(False)
-    try:
-        yield work
-    finally:
-        del work
+    return work
 
 
 def attribute(model: nn.Module, images: Tensor, target: int | Sequence[int] | Tensor,
@@ -741,18 +747,18 @@ def attribute(model: nn.Module, images: Tensor, target: int | Sequence[int] | Te
     if spec.check is not None:
         spec.check(model)
     start = time.perf_counter()
-    with _private_copy(model) as work:
-        device = _device(work, x.device)
-        x = x.to(device)
-        with torch.no_grad():
-            out = work(x[:1])
-        if out.dim() != 2:
-            raise ValueError(f"the model must return logits [N, K], got shape {tuple(out.shape)}")
-        t = _check_target(target, x.shape[0], out.shape[1], device)
-        with torch.enable_grad(), warnings.catch_warnings():
-            for message in _CAPTUM_NOTICES:
-                warnings.filterwarnings("ignore", message=message)
-            attr, info = spec.fn(work, x, t, opts)
+    work = _private_copy(model)
+    device = _device(work, x.device)
+    x = x.to(device)
+    with torch.no_grad():
+        out = work(x[:1])
+    if out.dim() != 2:
+        raise ValueError(f"the model must return logits [N, K], got shape {tuple(out.shape)}")
+    t = _check_target(target, x.shape[0], out.shape[1], device)
+    with torch.enable_grad(), warnings.catch_warnings():
+        for message in _CAPTUM_NOTICES:
+            warnings.filterwarnings("ignore", message=message)
+        attr, info = spec.fn(work, x, t, opts)
     if attr.shape != x.shape:
         raise RuntimeError(f"{spec.name} returned shape {tuple(attr.shape)}, expected "
                            f"{tuple(x.shape)}")

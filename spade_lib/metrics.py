@@ -29,6 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+__all__ = [
+    "AGGREGATIONS", "BASELINES", "SCORE_COLUMNS", "TIES", "DegenerateScoreWarning",
+    "FidelityCurves", "aggregate", "best_of_aggregations", "insertion_deletion",
+    "insertion_deletion_curves", "pointing_game", "pointing_game_batch", "trojan_auc",
+    "trojan_auc_batch", "trojan_scores",
+]
+
 AGGREGATIONS = ("sum", "abs")
 """Channel aggregations: ``"sum"`` (signed sum over channels) and ``"abs"`` (sum of |values|)."""
 

@@ -169,6 +169,20 @@ def test_every_method_runs_and_leaves_the_model_alone(resnet: nn.Module, method:
         assert attr.info["guided_relus"] == sum(isinstance(m, nn.ReLU) for m in model.modules())
 
 
+@pytest.mark.parametrize("arch", ["mobilenetv2", "convnext"])
+def test_every_method_but_lrp_on_non_relu_networks(arch: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(arch, width=4, image_size=32).eval()
+    x = _images(1, seed=9, side=32)
+    for method in METHODS:
+        if method == "LRP":
+            continue
+        attr = attribute(model, x, 1, method, **FAST.get(method, {}))
+        assert attr.map.shape == x.shape and torch.isfinite(attr.map).all()
+        if method in ("GuidedBackprop", "GuidedGradCam"):
+            assert attr.info["guided_relus"] == 0  # Captum guides nn.ReLU only
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_batched_equals_unbatched(resnet: nn.Module, method: str) -> None:
     x, targets = _images(3, seed=1), torch.tensor([1, 5, 1])
