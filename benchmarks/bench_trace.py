@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -255,7 +256,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     model = _build(args.arch, args.num_classes, args.width, args.image_size).to(device).eval()
     images = photos(args.samples + 1, args.image_size).to(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {name} ({torch.get_num_threads()} CPU threads); {args.arch} at "
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"device: {name} ({torch.get_num_threads()} CPU threads, load average {load} before "
+          f"the run); {args.arch} at "
           f"{args.image_size} px, {len(pruning.default_layers(model))} layers, "
           f"{args.n_augmentations} augmentations, sparsity {args.sparsity}, "
           f"{args.samples} samples (after one warm-up sample)")
