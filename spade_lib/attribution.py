@@ -710,7 +710,8 @@ def _private_copy(model: nn.Module) -> nn.Module:
 
 
 def attribute(model: nn.Module, images: Tensor, target: int | Sequence[int] | Tensor,
-              method: str = "IntegratedGradients", **options: Any) -> Attribution:
+              method: str = "IntegratedGradients",
+              spade: bool | Mapping[str, Any] | None = None, **options: Any) -> Attribution:
     """Saliency maps of ``model``'s class ``target`` on a batch of images.
 
     Parameters
@@ -730,6 +731,11 @@ def attribute(model: nn.Module, images: Tensor, target: int | Sequence[int] | Te
         GradientShap), ``layer`` (GuidedGradCam), ``window``/``stride`` (Occlusion),
         ``abs`` (Saliency, default False: raw signed gradients, so the ``"abs"`` aggregation equals
         Captum's default absolute saliency and the ``"sum"`` one keeps the sign).
+    spade
+        Interpret through SPADE: ``True`` (defaults of :func:`spade_lib.trace.trace`) or a mapping
+        of its options (``sparsity``, ``pruner``, ``n_augmentations``, ...). Each image gets its
+        own pruned copy of ``model``; the maps are read as maps of the dense model's decision and
+        ``info["traces"]`` holds the per-image layer reports. ``None``/``False``: dense.
 
     Returns
     -------
@@ -741,6 +747,8 @@ def attribute(model: nn.Module, images: Tensor, target: int | Sequence[int] | Te
     ValueError
         Unknown method or option, bad images or target, LRP on a non-ReLU network.
     """
+    if spade:
+        return _attribute_spade(model, images, target, method, spade, options)
     spec = get_method(method)
     opts = spec.resolve(options)
     x = _check_images(images)
@@ -763,4 +771,33 @@ def attribute(model: nn.Module, images: Tensor, target: int | Sequence[int] | Te
         raise RuntimeError(f"{spec.name} returned shape {tuple(attr.shape)}, expected "
                            f"{tuple(x.shape)}")
     return Attribution(map=attr.detach(), method=spec.name, target=t, options=opts, info=info,
+                       seconds=time.perf_counter() - start)
+
+
+def _attribute_spade(model: nn.Module, images: Tensor, target: int | Sequence[int] | Tensor,
+                     method: str, spade: bool | Mapping[str, Any],
+                     options: Mapping[str, Any]) -> Attribution:
+    """SPADE: prune a copy of ``model`` for each image, then attribute on that copy."""
+    from spade_lib.trace import trace
+
+    get_method(method).resolve(options)
+    x = _check_images(images)
+    kwargs = {} if spade is True else dict(spade)
+    targets = torch.as_tensor(target).flatten()
+    if targets.numel() == 1:
+        targets = targets.expand(x.shape[0])
+    if targets.numel() != x.shape[0]:
+        raise ValueError(f"target must be one class or {x.shape[0]} classes, got "
+                         f"{targets.numel()}")
+    start = time.perf_counter()
+    maps, reports, last = [], [], None
+    for i in range(x.shape[0]):
+        tr = trace(model, x[i], **kwargs)
+        last = attribute(tr.model, x[i:i + 1], int(targets[i]), method, **options)
+        maps.append(last.map)
+        reports.append(tr.report)
+    assert last is not None
+    return Attribution(map=torch.cat(maps), method=last.method, target=targets.to(last.target),
+                       options={**last.options, "spade": kwargs},
+                       info={**last.info, "traces": reports},
                        seconds=time.perf_counter() - start)

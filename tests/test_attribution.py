@@ -406,3 +406,22 @@ def test_lrp_rules_match_a_hand_computation() -> None:
            - _relevance_in(lambda v: F.conv2d(v, w1n, padding=1), high, s1))
     torch.testing.assert_close(attr.map, r_x, atol=1e-6, rtol=1e-4)
     assert not torch.allclose(attr.map, attribute(net, x, target, "InputXGradient").map)
+
+
+def test_spade_option_equals_trace_then_attribute(resnet: nn.Module) -> None:
+    """``spade=`` prunes one copy per image and attributes on it; the dense model is untouched."""
+    import spade_lib
+    from spade_lib.trace import trace
+
+    images = _images(2, seed=5)
+    before = _state(resnet)
+    options = {"sparsity": 0.8, "n_augmentations": 8, "seed": 3}
+    got = spade_lib.attribute(resnet, images, [1, 4], "Saliency", spade=options)
+    for i, t in enumerate([1, 4]):
+        pruned = trace(resnet, images[i], **options).model
+        want = attribute(pruned, images[i:i + 1], t, "Saliency").map
+        assert torch.equal(got.map[i:i + 1], want)
+    dense = attribute(resnet, images, [1, 4], "Saliency").map
+    assert not torch.allclose(got.map, dense)
+    assert len(got.info["traces"]) == 2 and got.options["spade"] == options
+    assert _same_state(before, _state(resnet))
