@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup book test lint clean apt-update data chromium
+.PHONY: setup book test lint bench clean apt-update data chromium
 
 setup: $(VENV)/.installed node_modules/.installed data
 
@@ -43,6 +43,9 @@ lint: setup
 
 test: setup chromium lint
 	SPADE_PRESET=smoke $(BIN)/pytest tests/ --nbval-lax --nbval-current-env book/
+
+bench: setup
+	$(BIN)/python benchmarks/bench_trace.py --samples 2
 
 clean:
 	rm -rf book/_build .cache
