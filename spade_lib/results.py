@@ -143,7 +143,7 @@ class Samples:
 
     def targets(self) -> Tensor:
         """The Trojan targets, int64 ``[n]``."""
-        return torch.as_tensor(self.table["target"].to_numpy(), dtype=torch.long)
+        return torch.tensor(self.table["target"].tolist(), dtype=torch.long)
 
     @classmethod
     def from_ids(cls, poisoned: data.PoisonedSet, test: data.SceneSet,

@@ -165,7 +165,7 @@ def test_selection_fills_from_other_rules_and_warns_when_short(scenes) -> None:
         results.select_samples(oracle, test, poisoned, 0)
 
 
-def test_tuning_samples_come_from_the_held_out_rules(cfg: config.Config) -> None:
+def test_tuning_and_evaluation_samples_use_their_rule_sets(cfg: config.Config) -> None:
     held_out = cfg.replace(rules=cfg.tuning_rules)
     _, test = data.load_scenes(held_out)
     poisoned = data.poisoned_test(test, held_out.rules, seed=cfg.seed)
@@ -174,6 +174,12 @@ def test_tuning_samples_come_from_the_held_out_rules(cfg: config.Config) -> None
     assert len(chosen) == cfg.tuning_samples
     assert [r.name for r in chosen.poisoned.rules] == [
         r.name for r in trojan.rule_set(cfg.tuning_rules)]
+    _, test = data.load_scenes(cfg)
+    poisoned = data.poisoned_test(test, cfg.rules, seed=cfg.seed)
+    oracle = _oracle(test, poisoned, np.ones(len(test), bool), np.ones(len(poisoned), bool))
+    chosen = results.evaluation_samples(cfg, oracle)
+    assert len(chosen) == cfg.samples
+    assert [r.name for r in chosen.poisoned.rules] == [r.name for r in trojan.rule_set(cfg.rules)]
 
 
 # --------------------------------------------------------------------------------------------
