@@ -557,14 +557,17 @@ def model_fingerprint(model: nn.Module) -> str:
 
 def results_key(cfg: Config, model: nn.Module, methods: Sequence[str],
                 variants: Sequence[Variant],
-                method_options: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+                method_options: Mapping[str, Mapping[str, Any]] | None = None,
+                rules: Sequence[str] = ()) -> str:
     """The hash that names a run's store and fills its ``config_hash`` column.
 
     It covers :data:`RESULT_KEYS` of the config, the model's weights, the methods with their
-    options and the variants with their resolved sparsity.
+    options, the variants with their resolved sparsity, and the names of the Trojan rules of the
+    poisoned set the sample ids point into.
     """
     blob = json.dumps({
         "config": cfg.digest(RESULT_KEYS), "model": model_fingerprint(model),
+        "rules": list(rules),
         "methods": list(methods),
         "options": {m: dict(o) for m, o in (method_options or {}).items()},
         "variants": [v.describe() for v in variants],
@@ -606,7 +609,8 @@ def evaluate(
     cfg
         The experiment; gives the pruner, augmentations, seed and the defaults below.
     model
-        The Trojaned classifier (default: ``trained_model(cfg).model``). Never changed.
+        The Trojaned classifier (default: ``trained_model(cfg).model`` on
+        ``cfg.torch_device()``). Never changed.
     samples
         Default: :func:`evaluation_samples` (``cfg.samples`` of ``cfg.rules``).
     methods
@@ -635,7 +639,7 @@ def evaluate(
     if model is None:
         from spade_lib.train import trained_model
 
-        model = trained_model(cfg, progress=progress).model
+        model = trained_model(cfg, progress=progress).model.to(cfg.torch_device())
     methods = list(cfg.methods if methods is None else methods)
     check_methods(methods, method_options)
     chosen = resolve_variants(cfg, model, variants)
@@ -643,7 +647,8 @@ def evaluate(
         samples = evaluation_samples(cfg, model)
     if not isinstance(samples, Samples) or len(samples) == 0:
         raise ValueError(f"samples must be a non-empty Samples object, got {samples!r}")
-    key = results_key(cfg, model, methods, chosen, method_options)
+    key = results_key(cfg, model, methods, chosen, method_options,
+                      [r.name for r in samples.poisoned.rules])
     target = _open_store(cfg, store, key)
     if target is not None:
         meta = target.read_meta()

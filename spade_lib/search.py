@@ -418,7 +418,8 @@ def search_sparsity(
     cfg
         Gives the pruner, augmentations, seed and the defaults below.
     model
-        The HELD-OUT Trojan model (default: ``trained_model(cfg.replace(rules=cfg.tuning_rules))``).
+        The HELD-OUT Trojan model (default: ``trained_model(cfg.replace(rules=cfg.tuning_rules))``
+        on ``cfg.torch_device()``).
     samples
         Tuning samples of that model (default :func:`spade_lib.results.tuning_samples`); samples
         carrying the evaluation rules are refused.
@@ -446,7 +447,8 @@ def search_sparsity(
     if model is None:
         from spade_lib.train import trained_model
 
-        model = trained_model(cfg.replace(rules=cfg.tuning_rules), progress=progress).model
+        held_out = trained_model(cfg.replace(rules=cfg.tuning_rules), progress=progress)
+        model = held_out.model.to(cfg.torch_device())
     if samples is None:
         samples = results.tuning_samples(cfg, model)
     if not isinstance(samples, results.Samples) or len(samples) == 0:

@@ -328,6 +328,7 @@ def test_store_key_changes_with_what_matters(cfg, model, samples) -> None:
     assert results.results_key(cfg, model, ["Saliency"], v[:1]) != key
     other = build_model("resnet20", 10, 8, 32)
     assert results.results_key(cfg, other, ["Saliency"], v) != key
+    assert results.results_key(cfg, model, ["Saliency"], v, rules=["moon"]) != key
 
 
 def test_bad_inputs_fail_before_any_work(cfg, model, samples, monkeypatch) -> None:
