@@ -52,14 +52,15 @@ def fastobc_reference(
 
     Dead inputs get a unit diagonal and zero weights; ``H`` is damped by ``damp`` times its mean
     diagonal; ``U`` is the upper Cholesky factor of ``H^-1``. At the first column of each group
-    of ``mask_group`` columns (default ``kh*kw``, 1 for linear; ``"row"``: the whole row), the
+    of ``mask_group`` columns (default :func:`spade_lib.pruning.default_mask_group`: ``kh*kw``, 1
+    for linear, widened for layers with few rows; ``"row"``: the whole row), the
     ``round(sparsity * rows * group)`` smallest ``w^2 / U_jj^2`` of the group are masked; then
     each column's error ``(w_j - q_j) / U_jj`` is subtracted from all later columns.
     """
     w = weight.detach().flatten(1).clone().to(torch.promote_types(weight.dtype, torch.float32))
     h = hessian.detach().clone().to(w.dtype)
     rows, n = w.shape
-    group = math.prod(weight.shape[2:]) if mask_group is None else mask_group
+    group = pruning.default_mask_group(weight.shape) if mask_group is None else mask_group
     group = n if group == "row" else group
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0

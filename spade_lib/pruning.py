@@ -41,7 +41,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "METHODS", "LinearSchedule", "OnlyBlocks", "PruneInfo", "SparsitySpec", "check_method",
-    "conv_columns", "default_layers", "eval_mode", "layer_hessians", "linear", "only",
+    "conv_columns", "default_layers", "default_mask_group", "eval_mode", "layer_hessians",
+    "linear", "only",
     "prunable_layers", "prune_layer", "prune_layer_batch", "reconstruction_errors",
     "resolve_sparsity", "select_layers",
 ]
@@ -53,6 +54,22 @@ OPTIONS = {
     "magnitude": (),
 }
 MAX_DAMP_TRIES = 8
+MIN_GROUP_WEIGHTS = 128
+
+
+def default_mask_group(shape: Sequence[int]) -> int:
+    """FastOBC's default mask group (columns) for a weight of ``shape``.
+
+    The paper's group is one input channel: ``kh*kw`` columns of a conv, one column of a linear
+    layer. A group's budget is ``round(sparsity * rows * group)``, so with few output rows it is
+    coarse: a 10-class linear head at 0.95 would lose every weight of every column. The group is
+    therefore widened by whole input channels until it holds at least
+    :data:`MIN_GROUP_WEIGHTS` weights (rounding then costs under 0.4% sparsity per group). Layers
+    of the paper's size (ImageNet heads, convs with 16+ filters) keep the paper's group.
+    """
+    rows, per_channel = int(shape[0]), math.prod(shape[2:])
+    channels = math.ceil(MIN_GROUP_WEIGHTS / (rows * per_channel))
+    return min(per_channel * channels, math.prod(shape[1:]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -559,7 +576,7 @@ def _solve(
         if method == "fastobc":
             group = options.get("mask_group")
             if group is None:
-                group = math.prod(weight.shape[2:])
+                group = default_mask_group(weight.shape)
             group = n if group == "row" else min(group, n)
             _, u, damps = _damped_inverse(hclean, damp, upper=True)
             out = _fastobc(w, u, sparsity, group, options.get("block_size", 128))
@@ -635,7 +652,8 @@ def prune_layer(
     **options
         ``damp`` (fastobc, obc): relative damping, a fraction of the mean diagonal (0.01).
         ``mask_group`` (fastobc): columns per mask group; ``None`` is the paper's choice (``kh*kw``,
-        one input channel of a conv; 1 for a linear layer), ``"row"`` one group for the whole row.
+        one input channel of a conv; 1 for a linear layer), widened by whole input channels for
+        layers with few rows (:func:`default_mask_group`); ``"row"`` one group for the whole row.
         ``block_size`` (fastobc): columns per lazy-update block (128); speed only.
         ``batch_bytes`` (obc): memory for the rows' inverse Hessians processed together.
 

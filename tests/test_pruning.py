@@ -15,6 +15,7 @@ from torch import nn
 from spade_lib import pruning
 from spade_lib.pruning import (
     default_layers,
+    default_mask_group,
     layer_hessians,
     linear,
     only,
@@ -296,20 +297,33 @@ def test_sparsity_is_exact_up_to_documented_rounding(sparsity):
         out, info = prune_layer(w, h, sparsity, method)
         assert int((out == 0).sum()) == total
         assert info.sparsity == total / w.numel()
-    out, _ = prune_layer(w, h, sparsity, "fastobc")          # one group per input channel
+    out, _ = prune_layer(w, h, sparsity, "fastobc", mask_group=9)   # one group per channel
     per_group = math.floor(sparsity * 8 * 9 + 0.5)
     assert [(out[:, c] == 0).sum().item() for c in range(4)] == [per_group] * 4
     out, _ = prune_layer(w, h, sparsity, "fastobc", mask_group="row")
     assert int((out == 0).sum()) == total
     wl, hl = random_layer((10, 12), 1)
-    out, _ = prune_layer(wl, hl, sparsity, "fastobc")      # linear: one group per column
+    out, _ = prune_layer(wl, hl, sparsity, "fastobc", mask_group=1)  # one group per column
     assert (out == 0).sum(0).tolist() == [math.floor(sparsity * 10 + 0.5)] * 12
+
+
+def test_default_mask_group_is_the_papers_unless_rows_are_few():
+    assert default_mask_group((1000, 2048)) == 1           # ImageNet head: one column
+    assert default_mask_group((64, 16, 3, 3)) == 9          # one input channel
+    assert default_mask_group((10, 128)) == 13              # 10-class head: 13 columns, 130 w
+    assert default_mask_group((8, 4, 3, 3)) == 18           # two channels of 72 weights
+    assert default_mask_group((2, 3, 2, 2)) == 12           # never more than the row
+    w, h = random_layer((10, 128), 3)
+    out, info = prune_layer(w, h, 0.99, "fastobc")
+    groups = (out != 0).reshape(10, -1).split(13, dim=1)
+    assert all(g.any() for g in groups[:-1]), "a group lost every weight"
+    assert info.sparsity == pytest.approx(0.99, abs=0.01)
 
 
 def test_a_layer_left_dense_by_rounding_is_reported():
     w, h = random_layer((2, 3, 2, 2), 0)
     with pytest.warns(RuntimeWarning, match="pruned no weight"):
-        out, info = prune_layer(w, h, 0.05, "fastobc")   # round(0.05 * 2 * 4) = 0 per group
+        out, info = prune_layer(w, h, 0.05, "fastobc", mask_group=4)  # round(0.05*2*4) = 0
     assert info.sparsity == 0.0
     out, info = prune_layer(w, h, 0.05, "fastobc", mask_group="row")
     assert int((out == 0).sum()) == 1
@@ -416,7 +430,7 @@ def test_toy_one_column_groups_versus_row_groups_versus_magnitude():
         h = 2 * x.T @ x / x.shape[0]
         w = torch.randn(32, 64, generator=g)
         errors["magnitude"].append(prune_layer(w, h, 0.5, "magnitude")[1].rel_error)
-        errors["column"].append(prune_layer(w, h, 0.5, "fastobc")[1].rel_error)
+        errors["column"].append(prune_layer(w, h, 0.5, "fastobc", mask_group=1)[1].rel_error)
         errors["row"].append(prune_layer(w, h, 0.5, "fastobc", mask_group="row")[1].rel_error)
     mean = {k: sum(v) / len(v) for k, v in errors.items()}
     assert mean["row"] < 0.1 * mean["magnitude"]
