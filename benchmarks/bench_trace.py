@@ -125,7 +125,8 @@ def naive_hessians(model: nn.Module, batches: list[Tensor], layers: list[str]) -
 
 
 @torch.no_grad()
-def naive_trace(model: nn.Module, image: Tensor, sparsity: float, n_augmentations: int,
+def naive_trace(model: nn.Module, image: Tensor, sparsity: pruning.SparsitySpec,
+                n_augmentations: int,
                 batch_size: int, seed: int) -> tuple[list[float], dict[str, float]]:
     """Prune a copy of ``model`` for ``image`` the straightforward way; (errors, timings)."""
     device = next(model.parameters()).device
@@ -134,7 +135,8 @@ def naive_trace(model: nn.Module, image: Tensor, sparsity: float, n_augmentation
     aug = naive_augment(image, n_augmentations, seed)
     clock["augment"] = _now(device) - t
     pruned = _copy_eval(model)
-    layers = pruning.default_layers(pruned)
+    targets = {k: v for k, v in pruning.resolve_sparsity(pruned, sparsity).items() if v > 0}
+    layers = list(targets)
     t = _now(device)
     hessians = naive_hessians(pruned, list(aug.split(batch_size)), layers)
     clock["hessians"] = _now(device) - t
@@ -143,7 +145,7 @@ def naive_trace(model: nn.Module, image: Tensor, sparsity: float, n_augmentation
     t = _now(device)
     for name in layers:
         weight = modules[name].weight
-        new = fastobc_reference(weight, hessians[name], sparsity)
+        new = fastobc_reference(weight, hessians[name], targets[name])
         err, ref = pruning.reconstruction_errors(weight, new[None], hessians[name][None])
         errors.append(err[0] / ref[0])
         weight.copy_(new)
@@ -155,6 +157,14 @@ def naive_trace(model: nn.Module, image: Tensor, sparsity: float, n_augmentation
 # --------------------------------------------------------------------------------------------
 # Measurement helpers
 # --------------------------------------------------------------------------------------------
+
+def _spec(text: str) -> float | str:
+    """A sparsity given on the command line: a float, else a config schedule string."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
 
 def _now(device: torch.device) -> float:
     if device.type == "cuda":
@@ -243,7 +253,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--n-augmentations", type=int, default=256)
-    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--sparsity", type=_spec, default=0.9,
+                        help="a float for every default layer (0.9), or a config schedule such "
+                             "as 'linear' or 'only:layers.3,fc:0.9'")
     parser.add_argument("--batch-size", type=int, default=256, help="forward batch size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--samples", type=int, default=3)
