@@ -308,7 +308,7 @@ def test_load_scenes_from_config(fake_fashion):
     cfg = config.load("smoke").replace(train_size=400, test_size=100)
     train, test = data.load_scenes(cfg)
     assert len(train) == 400 and len(test) == 100
-    assert torch.bincount(train.rule + 1)[1:].tolist() == [10] * 4
+    assert torch.bincount(train.rule + 1)[1:].tolist() == [round(cfg.trojan_fraction * 400)] * 4
     again, _ = data.load_scenes(cfg)
     assert torch.equal(again.images, train.images)
     with pytest.raises(ValueError, match="'imagenet'"):
