@@ -22,6 +22,7 @@ from typing import Any, Literal, Union
 import yaml
 
 PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
+DEFAULT_CACHE = PARAMS_DIR.parent / ".cache"
 
 Dataset = Literal["fashion-mnist", "imagenet", "food101", "celeba"]
 Scene = Literal["plain", "photo"]
@@ -102,8 +103,10 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def cache_path(self, *parts: str) -> Path:
-        """A path under the cache directory (``cache_dir``, ``$SPADE_CACHE`` or ``./.cache``)."""
-        root = Path(self.cache_dir or os.environ.get("SPADE_CACHE") or Path.cwd() / ".cache")
+        """A path under the cache directory: ``cache_dir``, else ``$SPADE_CACHE``, else the
+        repository's ``.cache/`` (the same folder whatever the working directory, so notebooks
+        run from ``book/`` and scripts run from the root share one trained model)."""
+        root = Path(self.cache_dir or os.environ.get("SPADE_CACHE") or DEFAULT_CACHE)
         path = root.joinpath(*parts)
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
