@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +27,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from spade_lib.pruning import eval_mode
 
 __all__ = [
     "AGGREGATIONS", "BASELINES", "SCORE_COLUMNS", "TIES", "DegenerateScoreWarning",
@@ -318,16 +319,6 @@ class FidelityCurves:
     deletion_auc: float
 
 
-@contextmanager
-def _evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-
 
 def _blur(image: Tensor, sigma: float) -> Tensor:
     from torchvision.transforms.functional import gaussian_blur
@@ -407,7 +398,7 @@ def insertion_deletion_curves(
     counts = torch.round(torch.arange(steps + 1, device=x.device) * hw / steps).long()
 
     probs: list[Tensor] = []
-    with _evaluating(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         logits = model(x[None])
         if logits.dim() != 2 or not 0 <= int(target) < logits.shape[1]:
             raise ValueError(f"target {target} out of range for logits of shape "

@@ -5,7 +5,6 @@ caller's network left untouched."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -36,13 +35,7 @@ FAST = {"Lime": {"n_samples": 40, "n_segments": 12}, "IntegratedGradients": {"n_
         "GradientShap": {"n_samples": 6}, "Occlusion": {"perturbations_per_eval": 128}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small networks run fastest on one thread (and do not fight a background job)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize_bn(model: nn.Module, seed: int, shift: bool = True) -> nn.Module:

@@ -16,13 +16,7 @@ from spade_lib import config, data, metrics, pruning, results, search
 from spade_lib.models import build_model
 from spade_lib.trace import trace
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
