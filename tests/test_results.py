@@ -44,15 +44,6 @@ def scenes() -> tuple[data.SceneSet, data.PoisonedSet]:
     return test, data.poisoned_test(test, smoke.rules, seed=smoke.seed)
 
 
-@pytest.fixture(scope="module")
-def model() -> nn.Module:
-    """A random ResNet-20 whose logits spread (so maps are not flat)."""
-    torch.manual_seed(0)
-    net = build_model("resnet20", 10, 8, 32).eval()
-    net.fc.weight.data.mul_(30.0)
-    return net
-
-
 @pytest.fixture
 def samples(scenes: tuple[data.SceneSet, data.PoisonedSet]) -> results.Samples:
     test, poisoned = scenes

@@ -33,14 +33,6 @@ def cfg(tmp_path: Path) -> config.Config:
 
 
 @pytest.fixture(scope="module")
-def model() -> nn.Module:
-    torch.manual_seed(0)
-    net = build_model("resnet20", 10, 8, 32).eval()
-    net.fc.weight.data.mul_(30.0)
-    return net
-
-
-@pytest.fixture(scope="module")
 def tuning() -> results.Samples:
     """Two samples of the held-out rules (no filter: the model is random)."""
     smoke = config.load("smoke")
