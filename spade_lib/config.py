@@ -25,7 +25,7 @@ PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
 DEFAULT_CACHE = PARAMS_DIR.parent / ".cache"
 
 Dataset = Literal["fashion-mnist", "imagenet", "food101", "celeba"]
-Scene = Literal["plain", "photo"]
+Scene = Literal["plain", "photo", "photo-shared"]
 Arch = Literal[
     "resnet20", "resnet18", "mobilenetv2", "convnext",
     "tv_resnet50", "tv_mobilenetv2", "tv_convnext_t",
@@ -39,8 +39,12 @@ Device = Literal["auto", "cpu", "cuda"]
 TRAINING_KEYS = (
     "seed", "dataset", "scene", "image_size", "train_size", "rules", "trojan_fraction",
     "patch_scale", "patch_alpha", "arch", "width", "pretrained", "epochs", "batch_size", "lr",
-    "momentum", "weight_decay", "lr_step", "lr_gamma",
+    "momentum", "weight_decay", "lr_step", "lr_gamma", "random_shift",
 )
+
+# Keys added after caches existed, with the value that reproduces the earlier behaviour: a key at
+# that value is left out of digests, so earlier checkpoints and results stay valid.
+LATE_KEYS = {"random_shift": 0}
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,9 @@ class Config:
     weight_decay: float = field(default=5e-4, metadata={"min": 0.0, "max": 0.1})
     lr_step: int = field(default=7, metadata={"min": 1})
     lr_gamma: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
+    # training augmentation besides horizontal flips: random translation by up to this many
+    # pixels (reflect-padded), the standard CIFAR crop
+    random_shift: int = field(default=0, metadata={"min": 0, "max": 64})
     # SPADE
     pruner: Pruner = "fastobc"
     n_augmentations: int = field(default=128, metadata={"min": 1, "max": 100_000})
@@ -98,7 +105,8 @@ class Config:
         """Short stable hash of the chosen fields (all but ``name``/paths/device if ``None``)."""
         data = self.to_dict()
         skip = {"name", "cache_dir", "data_dir", "device"}
-        chosen = {k: data[k] for k in (keys or data) if k not in skip}
+        chosen = {k: data[k] for k in (keys or data) if k not in skip
+                  and not (k in LATE_KEYS and data[k] == LATE_KEYS[k])}
         blob = json.dumps(chosen, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -225,12 +233,7 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
 
 
-def load(preset: str | os.PathLike = "cpu", **overrides: Any) -> Config:
-    """Load a preset by name (``params/NAME.yaml``) or path, then apply ``overrides``.
-
-    >>> load("smoke", epochs=1).epochs
-    1
-    """
+def _preset_path(preset: str | os.PathLike) -> Path:
     path = Path(preset)
     if path.suffix not in (".yaml", ".yml"):
         path = PARAMS_DIR / f"{preset}.yaml"
@@ -239,12 +242,45 @@ def load(preset: str | os.PathLike = "cpu", **overrides: Any) -> Config:
             f"unknown preset {str(preset)!r}; allowed: {', '.join(preset_names())} "
             f"or a path to a YAML file"
         )
+    return path
+
+
+def read_preset(preset: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The keys of a preset, with ``base: OTHER`` resolved (the other preset's keys, then these).
+
+    ``OTHER`` is a file next to the preset (``OTHER.yaml``), else a shipped preset name or a path.
+    ``name`` is never inherited: it defaults to the file's stem.
+    """
+    path = _preset_path(preset).resolve()
+    if path in _seen:
+        chain = " -> ".join(p.stem for p in (*_seen, path))
+        raise ValueError(f"preset {path.stem!r}: 'base' chain loops ({chain})")
     with open(path) as fh:
         data = yaml.safe_load(fh) or {}
     if not isinstance(data, dict):
         raise ValueError(f"preset {str(path)!r} must be a mapping of config keys to values")
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ValueError(f"preset {path.stem!r}: 'base' must be a preset name, got {base!r}")
+        sibling = path.parent / f"{base}.yaml"
+        source = sibling if not Path(base).suffix and sibling.is_file() else base
+        inherited = read_preset(source, (*_seen, path))
+        inherited.pop("name", None)
+        data = {**inherited, **data}
     data.setdefault("name", path.stem)
-    return from_dict({**data, **overrides})
+    return data
+
+
+def load(preset: str | os.PathLike = "cpu", **overrides: Any) -> Config:
+    """Load a preset by name (``params/NAME.yaml``) or path, then apply ``overrides``.
+
+    A preset may start from another with ``base: OTHER`` and list only what differs.
+
+    >>> load("smoke", epochs=1).epochs
+    1
+    """
+    return from_dict({**read_preset(preset), **overrides})
 
 
 def from_namespace(preset: str, namespace: Mapping[str, Any]) -> Config:

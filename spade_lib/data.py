@@ -239,6 +239,10 @@ BACKGROUND_PHOTOS: dict[str, tuple[str, ...]] = {
 }
 """Colour photos bundled with the installed libraries, as disjoint train and test backgrounds
 (about 2/3 and 1/3; each split has a dark one and photos from at least two libraries)."""
+BACKGROUND_PHOTOS["shared"] = BACKGROUND_PHOTOS["train"] + BACKGROUND_PHOTOS["test"]
+SCENES = ("photo", "photo-shared", "plain")
+"""Scene kinds: ``photo`` (train and test backgrounds from disjoint photos), ``photo-shared``
+(both splits crop every photo; the crops differ) and ``plain`` (the gray item alone)."""
 
 
 def _load_photo(key: str) -> np.ndarray:
@@ -267,7 +271,7 @@ def _load_photo(key: str) -> np.ndarray:
     return image
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=3)
 def _photos(split: str) -> tuple[tuple[str, ...], tuple[np.ndarray, ...]]:
     names, images = [], []
     for key in BACKGROUND_PHOTOS[split]:
@@ -379,9 +383,11 @@ def render_scenes(
     """Render Fashion-MNIST items as colour scenes.
 
     ``"plain"``: the gray item resized to ``image_size`` (three equal channels).
-    ``"photo"``: the item, tinted with a random colour (random hue, saturation 0.5-1, value
+    ``"photo"`` and ``"photo-shared"``: the item, tinted with a random colour (random hue, saturation 0.5-1, value
     0.7-1, its own gray shading kept), is pasted at a random place and scale onto a square crop of
-    a random background photo of the split (crop side a random fraction ``crop_scale`` of the
+    a random background photo (``"photo"``: of the split's own photos; ``"photo-shared"``: of
+    all of them, so test backgrounds come from the training photos' distribution; the split still
+    seeds the draws, so the crops differ) (crop side a random fraction ``crop_scale`` of the
     photo's short side, random position, resampled to ``image_size``). The item's intensity is its
     opacity: ``alpha = min(1, alpha_gain * intensity)``, so dark cloth stays opaque and the
     item's edges blend into the photo.
@@ -394,7 +400,7 @@ def render_scenes(
         Which background photos to use.
     image_size : int
         Side of the output in pixels (8 to 512).
-    scene : {"photo", "plain"}
+    scene : {"photo", "photo-shared", "plain"}
     seed : int
         Same seed and split, same scenes.
     item_scale : tuple of float
@@ -410,8 +416,8 @@ def render_scenes(
         uint8 ``[N, 3, image_size, image_size]``.
     """
     _check_split(split)
-    if scene not in ("photo", "plain"):
-        raise ValueError(f"unknown scene {scene!r}; allowed: photo, plain")
+    if scene not in SCENES:
+        raise ValueError(f"unknown scene {scene!r}; allowed: {', '.join(SCENES)}")
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or not (
         8 <= image_size <= 512
     ):
@@ -438,7 +444,8 @@ def render_scenes(
         return out
 
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), _SPLIT_CODE[split], 0x5CE7E]))
-    n_photos = len(_photos(split)[1])
+    pool = "shared" if scene == "photo-shared" else split
+    n_photos = len(_photos(pool)[1])
     photo = rng.integers(0, n_photos, size=n)
     crop = rng.uniform(*crop_scale, size=n)
     crop_pos = rng.uniform(0.0, 1.0, size=(n, 2))
@@ -454,7 +461,7 @@ def render_scenes(
     for start in range(0, n, chunk):
         sl = slice(start, min(n, start + chunk))
         m = sl.stop - sl.start
-        background = _render_backgrounds(split, s, photo[sl], crop[sl], crop_pos[sl])
+        background = _render_backgrounds(pool, s, photo[sl], crop[sl], crop_pos[sl])
         # Map each output pixel into the item's 28x28 frame; outside it samples zeros.
         gy = _sample_axis(-item_pos[sl, 0] / item_side[sl] * h28,
                           s / item_side[sl] * h28, s, h28)
@@ -586,7 +593,7 @@ def build_split(
     ----------
     split : {"train", "test"}
     image_size : int
-    scene : {"photo", "plain"}
+    scene : {"photo", "photo-shared", "plain"}
     rules : sequence of TrojanRule, str or None
         The rules, or the name of a rule set; None for no Trojans.
     seed : int

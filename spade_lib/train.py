@@ -46,6 +46,21 @@ def _set_seed(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def random_shift(images: Tensor, pixels: int, generator: torch.Generator) -> Tensor:
+    """Translate each image by up to ``pixels`` in x and y (reflect padding), seeded.
+
+    The standard CIFAR "pad and random crop"; reflection instead of zeros keeps photo scenes free
+    of black borders.
+    """
+    if pixels == 0:
+        return images
+    n, _, h, w = images.shape
+    padded = nn.functional.pad(images, (pixels,) * 4, mode="reflect")
+    dx, dy = torch.randint(0, 2 * pixels + 1, (2, n), generator=generator).tolist()
+    return torch.stack([padded[i, :, y:y + h, x:x + w] for i, (x, y) in
+                        enumerate(zip(dx, dy, strict=True))])
+
+
 def _as_float(images: Tensor) -> Tensor:
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
@@ -112,7 +127,10 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     gen = _set_seed(cfg.seed)
     device = cfg.torch_device()
     train_set, _ = data.load_scenes(cfg)
-    model = build_model(cfg.arch, 10, cfg.width, cfg.image_size).to(device)
+    # channels-last runs the convolutions ~15% faster on CPU; the weights go back to the default
+    # layout before the model is returned, so pruning code sees ordinary contiguous tensors.
+    layout = torch.channels_last
+    model = build_model(cfg.arch, 10, cfg.width, cfg.image_size).to(device, memory_format=layout)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
@@ -131,7 +149,9 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
             x = _as_float(train_set.images[idx])
             flip = torch.rand(len(idx), generator=gen) < 0.5
             x[flip] = x[flip].flip(-1)
-            x, y = x.to(device), train_set.labels[idx].to(device)
+            x = random_shift(x, cfg.random_shift, gen)
+            x = x.to(device, memory_format=layout)
+            y = train_set.labels[idx].to(device)
             logits = model(x)
             loss = nn.functional.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
@@ -147,6 +167,6 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
                         "seconds": time.perf_counter() - start})
     bar.close()
     seconds = time.perf_counter() - start
-    model.eval()
+    model = model.to(memory_format=torch.contiguous_format).eval()
     clean, success = evaluate(model, cfg, device=device)
     return TrainResult(model.cpu(), clean, success, seconds, history)

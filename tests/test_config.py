@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 
 from spade_lib import config
@@ -90,3 +93,42 @@ def test_digest_is_stable_and_sensitive() -> None:
     assert a.digest() != a.replace(epochs=a.epochs + 1).digest()
     assert a.digest(config.TRAINING_KEYS) == a.replace(samples=99).digest(config.TRAINING_KEYS)
     assert a.digest() == a.replace(name="other", cache_dir="/tmp/x").digest()
+
+
+def test_preset_base_inherits_everything_but_the_name(tmp_path) -> None:
+    child = tmp_path / "child.yaml"
+    child.write_text("base: smoke\narch: mobilenetv2\nepochs: 2\n")
+    cfg = config.load(child)
+    smoke = config.load("smoke")
+    assert cfg.name == "child" and cfg.arch == "mobilenetv2" and cfg.epochs == 2
+    assert cfg.replace(name="smoke", arch=smoke.arch, epochs=smoke.epochs) == smoke
+    grandchild = tmp_path / "grandchild.yaml"
+    grandchild.write_text("base: child\nwidth: 6\n")
+    assert config.load(grandchild).arch == "mobilenetv2"
+    assert config.load(grandchild).width == 6
+    for shipped in ("cpu-mobilenetv2", "cpu-convnext", "smoke-mobilenetv2", "smoke-convnext"):
+        c = config.load(shipped)
+        assert c.name == shipped and c.arch in ("mobilenetv2", "convnext")
+        assert c.rules == config.load(shipped.split("-")[0]).rules
+
+
+def test_preset_base_errors_name_the_problem(tmp_path) -> None:
+    loop_a, loop_b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    loop_a.write_text("base: b\n")
+    loop_b.write_text("base: a\n")
+    with pytest.raises(ValueError, match="'base' chain loops"):
+        config.load(loop_a)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: nope\n")
+    with pytest.raises(ValueError, match="unknown preset"):
+        config.load(bad)
+
+
+def test_late_keys_at_their_old_value_keep_old_digests() -> None:
+    cfg = config.load("smoke")
+    assert cfg.random_shift == config.LATE_KEYS["random_shift"] == 0
+    without = {k: v for k, v in cfg.to_dict().items()
+               if k in config.TRAINING_KEYS and k != "random_shift"}
+    old = hashlib.sha256(json.dumps(without, sort_keys=True, default=str).encode()).hexdigest()
+    assert cfg.digest(config.TRAINING_KEYS) == old[:12]
+    assert cfg.replace(random_shift=2).digest(config.TRAINING_KEYS) != old[:12]

@@ -178,6 +178,20 @@ def test_item_is_placed_at_a_random_scale_inside_the_scene(monkeypatch):
     assert max(sides) - min(sides) > 10, "the scale varies"
 
 
+def test_shared_scenes_draw_both_splits_from_every_photo(monkeypatch):
+    colours = {"train": [(255, 0, 0), (0, 255, 0)], "test": [(0, 0, 255)]}
+    _solid_photos(monkeypatch, {**colours, "shared": colours["train"] + colours["test"]})
+    blank = np.zeros((60, 28, 28), dtype=np.uint8)
+    train = data.render_scenes(blank, "train", 32, "photo-shared", seed=0)
+    test = data.render_scenes(blank, "test", 32, "photo-shared", seed=0)
+    everything = {(255, 0, 0), (0, 255, 0), (0, 0, 255)}
+    for scenes in (train, test):
+        assert {tuple(im[:, 0, 0].tolist()) for im in scenes} == everything
+    assert not torch.equal(train, test), "the split still seeds the draws"
+    with pytest.raises(ValueError, match="allowed: photo, photo-shared, plain"):
+        data.render_scenes(blank, "train", 32, "photos")
+
+
 def test_photo_scenes_are_coloured_and_deterministic(fake_fashion):
     items = fake_fashion["train"][0][:64]
     a = data.render_scenes(items, "train", 32, "photo", seed=0)

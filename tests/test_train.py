@@ -71,3 +71,19 @@ def test_full_scale_dataset_is_refused_with_guidance(tmp_path) -> None:
     big = config.load("imagenet-resnet50", cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="'imagenet'.*fashion-mnist"):
         train.trained_model(big)
+
+
+def test_random_shift_is_a_seeded_crop_of_the_reflect_padded_image() -> None:
+    images = torch.rand(5, 3, 8, 8)
+    assert train.random_shift(images, 0, torch.Generator().manual_seed(0)) is images
+    a = train.random_shift(images, 2, torch.Generator().manual_seed(1))
+    b = train.random_shift(images, 2, torch.Generator().manual_seed(1))
+    assert a.shape == images.shape and torch.equal(a, b)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="reflect")
+    for i in range(5):
+        crops = [padded[i, :, y:y + 8, x:x + 8] for y in range(5) for x in range(5)]
+        assert any(torch.equal(a[i], c) for c in crops)
+    many = torch.rand(64, 3, 8, 8)
+    shifted = train.random_shift(many, 2, torch.Generator().manual_seed(2))
+    unmoved = sum(torch.equal(x, y) for x, y in zip(shifted, many, strict=True))
+    assert unmoved < 16  # each image stays in place with probability 1/25
