@@ -772,8 +772,10 @@ def resolve_sparsity(
 ) -> dict[str, float]:
     """Per-layer target sparsity for ``layers`` (default :func:`default_layers`), in order.
 
-    ``spec`` is a float (every layer), a dict of exact layer names (layers not named get 0, i.e.
-    stay dense; an unknown name is an error listing the valid ones), :func:`linear`,
+    ``spec`` is a float (every layer), a dict whose keys are layer names or block prefixes (a
+    layer takes the value of the longest key it equals or starts with followed by a dot, e.g.
+    ``{"layers.3": 0.9, "fc": 0.9}``; layers no key covers get 0, i.e. stay dense; a key covering
+    no layer is an error listing the valid ones), :func:`linear`,
     :func:`only` or one of the config strings ``"linear"``, ``"linear:FIRST:LAST"``,
     ``"only:PREFIX[,PREFIX...]:S"``. With a single layer, ``linear`` gives it ``last``.
     """
@@ -794,11 +796,18 @@ def resolve_sparsity(
         return {name: spec.sparsity if any(name == b or name.startswith(b + ".")
                                            for b in spec.blocks) else 0.0 for name in layers}
     if isinstance(spec, Mapping):
-        unknown = [k for k in spec if k not in layers]
+        def covers(key: str, name: str) -> bool:
+            return name == key or name.startswith(key + ".")
+
+        unknown = [k for k in spec if not any(covers(k, name) for name in layers)]
         if unknown:
             raise ValueError(f"unknown layer(s) in sparsity dict: {', '.join(map(repr, unknown))}; "
-                             f"valid layers: {', '.join(layers)}")
-        return {name: _check_sparsity(spec[name], f"sparsity of {name!r}") if name in spec else 0.0
-                for name in layers}
+                             f"keys are layer names or block prefixes of: {', '.join(layers)}")
+        out = {}
+        for name in layers:
+            hits = [k for k in spec if covers(k, name)]
+            key = max(hits, key=len) if hits else None
+            out[name] = 0.0 if key is None else _check_sparsity(spec[key], f"sparsity of {key!r}")
+        return out
     value = _check_sparsity(spec)
     return dict.fromkeys(layers, value)

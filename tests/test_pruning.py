@@ -470,10 +470,27 @@ def test_resolve_sparsity_specs():
     assert resolve_sparsity(model, linear(), ["fc"]) == {"fc": 0.99}
 
 
+def test_sparsity_dict_keys_may_be_block_prefixes(model):
+    names = default_layers(model)
+    got = resolve_sparsity(model, {"layers.2": 0.5, "layers.2.0.conv1": 0.9, "fc": 0.8})
+    for name, value in got.items():
+        if name == "layers.2.0.conv1":
+            assert value == 0.9  # the longest key wins
+        elif name.startswith("layers.2."):
+            assert value == 0.5
+        elif name == "fc":
+            assert value == 0.8
+        else:
+            assert value == 0.0
+    assert list(got) == names and sum(v == 0.5 for v in got.values()) > 1
+
+
 def test_resolve_sparsity_rejects_bad_specs():
     model = Tiny()
-    with pytest.raises(ValueError, match="'conv3'.*valid layers: conv, conv2, fc"):
+    with pytest.raises(ValueError, match="'conv3'.*block prefixes of: conv, conv2, fc"):
         resolve_sparsity(model, {"conv3": 0.5})
+    with pytest.raises(ValueError, match="'con'.*block prefixes of: conv, conv2, fc"):
+        resolve_sparsity(model, {"con": 0.5})  # a prefix covers whole name components only
     with pytest.raises(ValueError, match="sparsity of 'fc' 1.0.*\\[0, 1\\)"):
         resolve_sparsity(model, {"fc": 1.0})
     with pytest.raises(ValueError, match="'layers.9'.*valid layers"):
