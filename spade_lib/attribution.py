@@ -153,6 +153,27 @@ def available() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def supported_methods(model: nn.Module, methods: Sequence[str] | None = None) -> list[str]:
+    """The methods (default :data:`METHODS`) whose network check accepts ``model``.
+
+    Only LRP has such a check so far: it needs a network of plain ReLUs (the paper leaves it out
+    for MobileNetV2 and ConvNeXt).
+    """
+    names = list(METHODS if methods is None else methods)
+    out = []
+    for name in names:
+        check = get_method(name).check
+        if check is None:
+            out.append(name)
+            continue
+        try:
+            check(model)
+        except ValueError:
+            continue
+        out.append(name)
+    return out
+
+
 def methods_table() -> pd.DataFrame:
     """Table A.1 as a data frame, in the paper's order: group, method, description, library,
     seeded, options (with defaults)."""

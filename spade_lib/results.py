@@ -44,9 +44,10 @@ from spade_lib.trace import trace
 __all__ = [
     "BUILTIN_VARIANTS", "COLUMNS", "RESULT_KEYS", "SAMPLE_COLUMNS", "TRACE_BATCH", "ResultStore",
     "Samples", "Variant", "check_methods", "evaluate", "evaluation_samples", "isd_donor",
+    "merge_methods", "score_gap",
     "model_fingerprint", "prediction_kept", "resolve_variants", "results_key", "run_sample",
-    "sample_seed", "score_methods", "select_samples", "summary", "tuning_samples",
-    "variant_table",
+    "sample_maps", "sample_seed", "score_methods", "select_samples", "summary", "tuning_samples",
+    "variant_network", "variant_table", "wins",
 ]
 
 SAMPLE_COLUMNS = ("sample", "rule", "rule_name", "clean_label", "target", "test_index")
@@ -424,6 +425,50 @@ def score_methods(model: nn.Module, image: Tensor, mask: Tensor, target: int,
     return pd.DataFrame(rows, columns=["method", *metrics.SCORE_COLUMNS, "attribution_seconds"])
 
 
+def variant_network(cfg: Config, model: nn.Module, samples: Samples, position: int,
+                    variant: Variant) -> tuple[nn.Module, float, int]:
+    """The network that explains sample ``position`` under ``variant``.
+
+    Returns ``(network, trace_seconds, donor)``: ``model`` itself for the dense variant, else a
+    pruned copy traced on the sample (or, for ISD, on its donor image, see :func:`isd_donor`) with
+    the sample's seed; ``donor`` is the donor's test index, -1 otherwise.
+    """
+    if variant.sparsity is None:
+        return model, 0.0, -1
+    info = samples.table.iloc[position]
+    sample, target = int(info["sample"]), int(info["target"])
+    seed = sample_seed(cfg.seed, sample)
+    source, donor = samples.poisoned.float_images([sample])[0], -1
+    if variant.other_image:
+        donor = isd_donor(samples.test, int(info["clean_label"]), target, seed)
+        source = samples.test.float_images([donor])[0]
+    result = trace(model, source, sparsity=variant.sparsity, pruner=cfg.pruner,
+                   n_augmentations=cfg.n_augmentations, augment=cfg.augment,
+                   batch_size=TRACE_BATCH, seed=seed)
+    return result.model, result.timings["total"], donor
+
+
+def sample_maps(cfg: Config, model: nn.Module, samples: Samples, position: int,
+                methods: Sequence[str], variants: Sequence[str | Variant] | Mapping[str, Any],
+                method_options: Mapping[str, Mapping[str, Any]] | None = None,
+                ) -> dict[str, dict[str, attribution.Attribution]]:
+    """The saliency maps behind one sample's rows: ``{variant: {method: Attribution}}``.
+
+    The networks are those of :func:`run_sample` (same traces, same seeds), so a map's scores
+    equal that sample's rows in the results table.
+    """
+    check_methods(methods, method_options)
+    info = samples.table.iloc[position]
+    image = samples.poisoned.float_images([int(info["sample"])])
+    out: dict[str, dict[str, attribution.Attribution]] = {}
+    for v in resolve_variants(cfg, model, variants):
+        net = variant_network(cfg, model, samples, position, v)[0]
+        out[v.name] = {m: attribution.attribute(net, image, int(info["target"]), m,
+                                                **dict((method_options or {}).get(m, {})))
+                       for m in methods}
+    return out
+
+
 def run_sample(cfg: Config, model: nn.Module, samples: Samples, position: int,
                methods: Sequence[str], variants: Sequence[Variant],
                method_options: Mapping[str, Mapping[str, Any]] | None = None,
@@ -435,21 +480,11 @@ def run_sample(cfg: Config, model: nn.Module, samples: Samples, position: int,
     """
     info = samples.table.iloc[position]
     sample, target = int(info["sample"]), int(info["target"])
-    seed = sample_seed(cfg.seed, sample)
     image = samples.poisoned.float_images([sample])[0]
     mask = samples.poisoned.masks[sample]
     parts = []
     for v in variants:
-        net, seconds, donor = model, 0.0, -1
-        if v.sparsity is not None:
-            source = image
-            if v.other_image:
-                donor = isd_donor(samples.test, int(info["clean_label"]), target, seed)
-                source = samples.test.float_images([donor])[0]
-            result = trace(model, source, sparsity=v.sparsity, pruner=cfg.pruner,
-                           n_augmentations=cfg.n_augmentations, augment=cfg.augment,
-                           batch_size=TRACE_BATCH, seed=seed)
-            net, seconds = result.model, result.timings["total"]
+        net, seconds, donor = variant_network(cfg, model, samples, position, v)
         prediction = int(_predict(net, image[None])[0])
         part = score_methods(net, image, mask, target, methods, method_options)
         part.insert(1, "variant", v.name)
@@ -783,6 +818,78 @@ def summary(results: pd.DataFrame, variant: str = "spade", baseline: str = "dens
         f"(the paper's number){' in %' if percent else ''}; delta +- standard error of the "
         "per-sample difference")
     return table
+
+
+def score_gap(results: pd.DataFrame, methods: Sequence[str]) -> float:
+    """The largest difference between the methods' scores on the same sample and variant (NaN
+    on both sides counts as equal; NaN on one side gives ``inf``)."""
+    key = ["sample", "variant"]
+    first = results[results["method"] == methods[0]].set_index(key).sort_index()
+    gap = 0.0
+    for other in methods[1:]:
+        rows = results[results["method"] == other].set_index(key).sort_index()
+        if not rows.index.equals(first.index):
+            return math.inf
+        for col in metrics.SCORE_COLUMNS:
+            a, b = first[col].to_numpy(), rows[col].to_numpy()
+            if (np.isnan(a) != np.isnan(b)).any():
+                return math.inf
+            both = ~np.isnan(a)
+            if both.any():
+                gap = max(gap, float(np.abs(a[both] - b[both]).max()))
+    return gap
+
+
+def merge_methods(results: pd.DataFrame, methods: Sequence[str], name: str | None = None,
+                  atol: float = 1e-6) -> pd.DataFrame:
+    """One row per sample and variant for methods that give the same scores, as Table B.2 prints
+    InputXGradient and DeepLift on MobileNetV2 (where DeepLift has no rule for ReLU6 and reduces
+    to gradient times input).
+
+    The first method's rows are kept and renamed ``name`` (default ``"A / B"``); the others are
+    dropped. Raises ``ValueError`` if any score differs by more than ``atol``: methods that
+    disagree are not merged.
+    """
+    methods = list(methods)
+    if len(methods) < 2:
+        raise ValueError(f"merge_methods needs at least two methods, got {methods}")
+    missing = [m for m in methods if m not in set(results["method"])]
+    if missing:
+        raise ValueError(f"methods {missing} are not in the results; have "
+                         f"{list(dict.fromkeys(results['method']))}")
+    gap = score_gap(results, methods)
+    if not gap <= atol:
+        raise ValueError(f"the scores of {methods} differ by up to {gap:.3g} (> atol {atol}); "
+                         "they are not merged")
+    label = name or " / ".join(methods)
+    out = results[~results["method"].isin(methods[1:])].copy()
+    out.loc[out["method"] == methods[0], "method"] = label
+    return out.reset_index(drop=True)
+
+
+def wins(results: pd.DataFrame, variant: str = "spade", baseline: str = "dense",
+         metric: str = "auc") -> pd.DataFrame:
+    """Per method: on how many samples the variant scores above, equal to and below the baseline.
+
+    Each side is scored on the aggregation :func:`summary` takes for it (the better mean), so the
+    counts explain that table's deltas. Samples with a NaN score on either side are left out.
+    """
+    if metric not in ("auc", "pointing"):
+        raise ValueError(f"unknown metric {metric!r}; allowed: auc, pointing")
+    _check_table(results, [variant, baseline])
+    base = _best_per_method(results[results["variant"] == baseline], metric)
+    other = _best_per_method(results[results["variant"] == variant], metric)
+    rows = []
+    for m in dict.fromkeys(results["method"]):
+        pick = results["method"] == m
+        b = _sample_values(results[pick & (results["variant"] == baseline)], metric,
+                           base.loc[m, "aggregation"])
+        v = _sample_values(results[pick & (results["variant"] == variant)], metric,
+                           other.loc[m, "aggregation"])
+        d = (v - b).dropna()
+        rows.append({"method": m, "better": int((d > 0).sum()), "equal": int((d == 0).sum()),
+                     "worse": int((d < 0).sum()), "n": len(d)})
+    return pd.DataFrame(rows).set_index("method")
 
 
 def _se(values: pd.Series) -> float:

@@ -38,7 +38,7 @@ from spade_lib.trace import augment
 
 __all__ = [
     "AGGREGATIONS", "GRID", "SEARCH_KEYS", "Candidates", "SearchResult", "greedy_search",
-    "layer_groups", "schedule_score", "search_sparsity",
+    "layer_groups", "saved_search", "search_digest", "schedule_score", "search_sparsity",
 ]
 
 GRID = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99)
@@ -367,9 +367,10 @@ class SearchResult:
     info: dict[str, Any] = field(default_factory=dict)
 
     def to_yaml(self) -> str:
-        """The schedule as a preset line: ``sparsity: {layer: value, ...}``."""
-        return yaml.safe_dump({"sparsity": self.schedule}, sort_keys=False,
-                              default_flow_style=False)
+        """The schedule as a preset line, ``sparsity: {group: value, ...}`` (groups are block
+        prefixes, which a sparsity dict accepts; it resolves to :attr:`schedule`)."""
+        return yaml.safe_dump({"sparsity": self.group_values}, sort_keys=False,
+                              default_flow_style=True, width=100)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (see :meth:`from_dict`)."""
@@ -491,3 +492,38 @@ def search_sparsity(
         tmp.write_text(json.dumps(result.to_dict(), indent=1, default=str))
         os.replace(tmp, path)
     return result
+
+
+def search_digest(cfg: Config) -> str:
+    """Hash of what a saved search depends on: the held-out model's training keys, the search
+    keys, the tuning rules and samples, and the methods (a changed preset invalidates it)."""
+    from spade_lib.config import TRAINING_KEYS
+
+    keys = (*TRAINING_KEYS, *SEARCH_KEYS, "tuning_rules", "tuning_samples", "methods")
+    return cfg.digest(tuple(dict.fromkeys(keys)))
+
+
+def saved_search(cfg: Config, progress: bool = True) -> tuple[SearchResult, dict[str, Any]]:
+    """The search behind a preset: ``params/NAME-search.json`` if saved, else run it now.
+
+    ``scripts/search.py NAME`` writes that file (with the held-out model's accuracy and the
+    search time) so that a book build does not retrain the held-out model. It is used only while
+    its ``digest`` equals :func:`search_digest` of ``cfg``. Otherwise the search runs here
+    (training the held-out model if it is not cached). Returns the result and the
+    record (``{"source": "saved" | "run now", ...}``).
+    """
+    from spade_lib.config import PARAMS_DIR
+
+    path = PARAMS_DIR / f"{cfg.name}-search.json"
+    if path.exists():
+        record = json.loads(path.read_text())
+        if record.get("digest") == search_digest(cfg):
+            return SearchResult.from_dict(record["result"]), {"source": "saved",
+                                                              "path": str(path), **record}
+    from spade_lib.train import trained_model
+
+    held_out = trained_model(cfg.replace(rules=cfg.tuning_rules), progress=progress)
+    found = search_sparsity(cfg, held_out.model.to(cfg.torch_device()), progress=progress)
+    return found, {"source": "run now", "held_out_model": {
+        "clean_accuracy": held_out.clean_accuracy, "attack_success": held_out.attack_success,
+        "train_seconds": held_out.seconds}}

@@ -81,6 +81,49 @@ def browser(pages: Mapping[str, bytes | Figure], description: str = "show") -> w
     return widgets.VBox([dropdown, stack])
 
 
+def grid_browser(pages: Mapping[str, Mapping[str, bytes | Figure]],
+                 descriptions: tuple[str, str] = ("sample", "method")) -> widgets.VBox:
+    """Two Dropdowns that pick a page by two keys (e.g. sample and method), linked in the browser.
+
+    The first Dropdown selects a page of an outer ``Stack``; every outer page is an inner
+    ``Stack`` whose index the second Dropdown drives (one ``jslink`` per inner Stack), so any
+    combination shows without a kernel.
+
+    Parameters
+    ----------
+    pages
+        First key -> (second key -> page). Every first key must have the same second keys, in
+        the same order.
+    descriptions
+        Labels of the two Dropdowns.
+    """
+    if not pages:
+        raise ValueError("grid_browser() needs at least one page")
+    outer = list(pages)
+    inner = list(pages[outer[0]])
+    if not inner:
+        raise ValueError(f"grid_browser(): entry {outer[0]!r} has no pages")
+    for key in outer:
+        if list(pages[key]) != inner:
+            raise ValueError(f"grid_browser(): entry {key!r} has pages {list(pages[key])}, "
+                             f"expected {inner} like {outer[0]!r}")
+    first = widgets.Dropdown(options=outer, index=0, description=descriptions[0],
+                             style={"description_width": "initial"})
+    second = widgets.Dropdown(options=inner, index=0, description=descriptions[1],
+                              style={"description_width": "initial"})
+    stacks = []
+    for key in outer:
+        images = [widgets.Image(value=p if isinstance(p, bytes) else png_bytes(p), format="png",
+                                layout=widgets.Layout(max_width="100%"))
+                  for p in pages[key].values()]
+        stack = widgets.Stack(images, selected_index=0)
+        widgets.jslink((second, "index"), (stack, "selected_index"))
+        stacks.append(stack)
+    outer_stack = widgets.Stack(stacks, selected_index=0)
+    widgets.jslink((first, "index"), (outer_stack, "selected_index"))
+    return widgets.VBox([widgets.HBox([first, second]), outer_stack])
+
+
 def overlay_mask(image: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray,
                  color: tuple[float, float, float] = (1.0, 0.0, 1.0)) -> np.ndarray:
     """The image with the mask's outline drawn in ``color`` (float HxWx3 in [0, 1])."""
@@ -101,8 +144,10 @@ def image_grid(
     col_titles: Sequence[str] | None = None,
     cell: float = 1.3,
     cmap: str = "gray",
+    captions: Sequence[Sequence[str]] | None = None,
 ) -> Picture:
-    """A figure with one image per cell (colour images, or 2-D maps drawn with ``cmap``)."""
+    """A figure with one image per cell (colour images, or 2-D maps drawn with ``cmap``);
+    ``captions[r][c]`` is written under cell ``(r, c)``."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     fig = Picture(figsize=(cell * n_cols + (1.2 if row_titles else 0), cell * n_rows))
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
@@ -123,6 +168,8 @@ def image_grid(
                 ax.imshow(arr, cmap=cmap, interpolation="nearest")
             else:
                 ax.imshow(np.clip(arr, 0, 1), interpolation="nearest")
+            if captions and r < len(captions) and c < len(captions[r]) and captions[r][c]:
+                ax.set_xlabel(captions[r][c], fontsize=7)
             if r == 0 and col_titles and c < len(col_titles):
                 ax.set_title(col_titles[c], fontsize=8)
         if row_titles:

@@ -27,6 +27,7 @@ from spade_lib.attribution import (
     methods_table,
     occlusion_window,
     superpixels,
+    supported_methods,
 )
 from spade_lib.models import BasicBlock, build_model
 
@@ -418,3 +419,11 @@ def test_spade_option_equals_trace_then_attribute(resnet: nn.Module) -> None:
     assert not torch.allclose(got.map, dense)
     assert len(got.info["traces"]) == 2 and got.options["spade"] == options
     assert _same_state(before, _state(resnet))
+
+
+def test_supported_methods_leave_lrp_out_of_non_relu_networks(resnet: nn.Module) -> None:
+    assert supported_methods(resnet) == list(METHODS)
+    for arch in ("mobilenetv2", "convnext"):
+        model = build_model(arch, width=4, image_size=32)
+        assert supported_methods(model) == [m for m in METHODS if m != "LRP"]
+    assert supported_methods(resnet, ["Saliency", "LRP"]) == ["Saliency", "LRP"]

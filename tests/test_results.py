@@ -408,3 +408,51 @@ def test_variant_table_and_prediction_kept() -> None:
         results.summary(frame, variant="isd")
     with pytest.raises(ValueError, match="unknown metric 'iou'"):
         results.variant_table(frame, "iou")
+
+
+def test_sample_maps_are_the_maps_behind_the_rows(cfg, model, samples) -> None:
+    table = _run(cfg, model, samples, variants=("dense", "spade", "isd"), store=False)
+    for pos in (0, 2):
+        s = samples.ids[pos]
+        maps = results.sample_maps(cfg, model, samples, pos, ["Saliency"],
+                                   ("dense", "spade", "isd"))
+        assert list(maps) == ["dense", "spade", "isd"]
+        mask = samples.poisoned.masks[s][None]
+        for variant, per_method in maps.items():
+            got = metrics.trojan_scores(per_method["Saliency"], mask).iloc[0]
+            row = table[(table["sample"] == s) & (table["variant"] == variant)].iloc[0]
+            for col in metrics.SCORE_COLUMNS:
+                assert _same(got[col], row[col]), (s, variant, col)
+    dense, spade = maps["dense"]["Saliency"].map, maps["spade"]["Saliency"].map
+    assert not torch.equal(dense, spade)
+
+
+def test_merge_methods_only_merges_equal_scores() -> None:
+    frame = _frame()
+    twin = frame[frame["method"] == "A"].assign(method="A2")
+    both = pd.concat([frame, twin], ignore_index=True)
+    assert results.score_gap(both, ["A", "A2"]) == 0.0
+    merged = results.merge_methods(both, ["A", "A2"], "A / A2")
+    assert list(dict.fromkeys(merged["method"])) == ["A / A2", "B"]
+    assert len(merged) == len(frame)
+    assert results.summary(merged).loc["A / A2", "auc_delta"] == pytest.approx(10.0)
+    # the largest gap over every score column: a Pointing Game hit against a miss
+    assert results.score_gap(frame, ["A", "B"]) == 1.0
+    auc_only = frame.assign(pointing_sum=0, pointing_abs=0)
+    assert results.score_gap(auc_only, ["A", "B"]) == pytest.approx(0.5)  # spade sum 1.0 vs 0.5
+    with pytest.raises(ValueError, match="differ by up to 1"):
+        results.merge_methods(frame, ["A", "B"])
+    with pytest.raises(ValueError, match="not in the results"):
+        results.merge_methods(frame, ["A", "C"])
+
+
+def test_wins_count_the_per_sample_differences() -> None:
+    table = results.wins(_frame())
+    # A: dense abs 0.8 each, spade sum 0.9, 1.0, 0.8 -> better, better, equal
+    assert table.loc["A"].to_dict() == {"better": 2, "equal": 1, "worse": 0, "n": 3}
+    # B: dense sum 0.6 each, spade abs 0.7, 0.6, 0.8 -> better, equal, better
+    assert table.loc["B"].to_dict() == {"better": 2, "equal": 1, "worse": 0, "n": 3}
+    flipped = results.wins(_frame(), variant="dense", baseline="spade")
+    assert flipped.loc["A", "worse"] == 2
+    with pytest.raises(ValueError, match="unknown metric"):
+        results.wins(_frame(), metric="iou")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -193,7 +195,9 @@ def test_search_end_to_end(cfg, model, tuning, monkeypatch) -> None:
     assert again["score"] == pytest.approx(found.score)
     # a preset value
     assert cfg.replace(sparsity=found.schedule).sparsity == found.schedule
-    assert yaml.safe_load(found.to_yaml()) == {"sparsity": found.schedule}
+    line = yaml.safe_load(found.to_yaml())
+    assert line == {"sparsity": found.group_values}
+    assert pruning.resolve_sparsity(model, line["sparsity"]) == found.schedule
     for i in range(len(tuning)):
         _assert_same_weights(_candidates(cfg, model, tuning).model(i, found.schedule),
                              _traced(cfg, model, tuning, i, found.schedule))
@@ -219,3 +223,32 @@ def test_search_refuses_evaluation_samples_and_bad_options(cfg, model, tuning) -
                                progress=False)
     with pytest.raises(ValueError, match="unknown attribution method"):
         search.search_sparsity(cfg, model, tuning, ["Nope"], progress=False)
+
+
+def test_saved_search_is_used_only_while_the_preset_matches(cfg, monkeypatch, tmp_path) -> None:
+    from spade_lib import train
+
+    saved = search.SearchResult({"fc": 0.9}, {"fc": 0.9}, {"fc": ["fc"]},
+                                pd.DataFrame({"group": ["fc"], "value": [0.9],
+                                                     "score": [0.7], "chosen": [True]}),
+                                0.7, "k", {"methods": ["Saliency"]})
+    params = tmp_path / "params"
+    params.mkdir()
+    monkeypatch.setattr(config, "PARAMS_DIR", params)
+    calls = []
+
+    def no_training(c, progress=True):
+        calls.append(c.rules)
+        raise RuntimeError("would train")
+
+    monkeypatch.setattr(train, "trained_model", no_training)
+    record = {"digest": search.search_digest(cfg), "result": saved.to_dict(),
+              "held_out_model": {"clean_accuracy": 0.5, "attack_success": {}}}
+    (params / f"{cfg.name}-search.json").write_text(json.dumps(record))
+    found, info = search.saved_search(cfg)
+    assert info["source"] == "saved" and found.group_values == {"fc": 0.9} and not calls
+    # a changed preset (here: other tuning samples) no longer matches: the search runs
+    with pytest.raises(RuntimeError, match="would train"):
+        search.saved_search(cfg.replace(tuning_samples=cfg.tuning_samples + 1))
+    assert calls == [cfg.tuning_rules]  # the held-out model, never the evaluation one
+    assert search.search_digest(cfg) == search.search_digest(cfg.replace(sparsity=0.5))
