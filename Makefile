@@ -46,7 +46,7 @@ test: setup chromium lint
 
 bench: setup
 	$(BIN)/python benchmarks/bench_trace.py --samples 2
-	$(BIN)/python benchmarks/bench_trace.py --samples 2 --sparsity "only:layers.3,fc:0.9"
+	$(BIN)/python benchmarks/bench_trace.py --samples 2 --sparsity preset:cpu
 
 clean:
 	rm -rf book/_build .cache

@@ -158,8 +158,13 @@ def naive_trace(model: nn.Module, image: Tensor, sparsity: pruning.SparsitySpec,
 # Measurement helpers
 # --------------------------------------------------------------------------------------------
 
-def _spec(text: str) -> float | str:
-    """A sparsity given on the command line: a float, else a config schedule string."""
+def _spec(text: str) -> pruning.SparsitySpec:
+    """A sparsity given on the command line: a float, ``preset:NAME`` (that preset's sparsity),
+    else a config schedule string."""
+    if text.startswith("preset:"):
+        from spade_lib import config
+
+        return config.load(text.split(":", 1)[1]).sparsity
     try:
         return float(text)
     except ValueError:
