@@ -6,6 +6,7 @@ changes what is shown (with no kernel), and that no request fails or leaves the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import os
@@ -72,10 +73,11 @@ def test_widget_js_is_local_and_no_cdn_is_named(site: Path) -> None:
     assert "application/vnd.jupyter.widget-state+json" in page
 
 
-def test_rule_browser_renders_and_reacts(server: str) -> None:
+@contextlib.contextmanager
+def _page(failed: list[str]) -> Iterator:
+    """A headless Chromium page that records failed, 4xx/5xx and off-machine requests."""
     from playwright.sync_api import sync_playwright
 
-    failed: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
@@ -87,6 +89,52 @@ def test_rule_browser_renders_and_reacts(server: str) -> None:
         page.on("response", lambda r: r.status >= 400 and failed.append(f"{r.status} {r.url}"))
         page.on("request", lambda r: urlparse(r.url).hostname not in ("127.0.0.1", None)
                 and not r.url.startswith("data:") and failed.append(f"external {r.url}"))
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def test_every_chapter_is_built(site: Path) -> None:
+    for name in ("saliency_methods", "additional_results", "hyperparameters"):
+        page = (site / f"{name}.html").read_text()
+        assert "Traceback" not in page, name
+    assert "Table B.2" in (site / "additional_results.html").read_text()
+    assert "Table A.1" in (site / "saliency_methods.html").read_text()
+
+
+def test_map_browser_reacts_to_sample_and_method(server: str) -> None:
+    failed: list[str] = []
+    with _page(failed) as page:
+        page.goto(f"{server}/additional_results.html", wait_until="networkidle")
+        selects = page.locator(".jupyter-widgets select")
+        selects.first.wait_for(state="visible", timeout=30_000)
+        page.wait_for_function("document.querySelectorAll('.jupyter-widgets img').length > 0")
+        assert selects.count() == 2
+        sample, method = selects.nth(0), selects.nth(1)
+        assert len(sample.locator("option").all_inner_texts()) >= 2
+        assert len(method.locator("option").all_inner_texts()) >= 2
+        start = _visible_images(page)
+        assert len(start) == 1, "one page (image, mask, dense and SPADE maps) at a time"
+        method.select_option(index=1)
+        page.wait_for_timeout(500)
+        other_method = _visible_images(page)
+        assert len(other_method) == 1 and other_method != start, "the method changed nothing"
+        sample.select_option(index=1)
+        page.wait_for_timeout(500)
+        other_sample = _visible_images(page)
+        assert len(other_sample) == 1 and other_sample not in (start, other_method), \
+            "the sample changed nothing"
+        sample.select_option(index=0)
+        method.select_option(index=0)
+        page.wait_for_timeout(500)
+        assert _visible_images(page) == start
+    assert not failed, failed
+
+
+def test_rule_browser_renders_and_reacts(server: str) -> None:
+    failed: list[str] = []
+    with _page(failed) as page:
         page.goto(f"{server}/hyperparameters.html", wait_until="networkidle")
         select = page.locator(".jupyter-widgets select").first
         select.wait_for(state="visible", timeout=30_000)
@@ -102,5 +150,4 @@ def test_rule_browser_renders_and_reacts(server: str) -> None:
         page.wait_for_timeout(500)
         assert _visible_images(page) == before
         page.goto(f"{server}/index.html", wait_until="networkidle")
-        browser.close()
     assert not failed, failed
