@@ -383,13 +383,14 @@ def render_scenes(
     """Render Fashion-MNIST items as colour scenes.
 
     ``"plain"``: the gray item resized to ``image_size`` (three equal channels).
-    ``"photo"`` and ``"photo-shared"``: the item, tinted with a random colour (random hue, saturation 0.5-1, value
-    0.7-1, its own gray shading kept), is pasted at a random place and scale onto a square crop of
-    a random background photo (``"photo"``: of the split's own photos; ``"photo-shared"``: of
-    all of them, so test backgrounds come from the training photos' distribution; the split still
-    seeds the draws, so the crops differ) (crop side a random fraction ``crop_scale`` of the
-    photo's short side, random position, resampled to ``image_size``). The item's intensity is its
-    opacity: ``alpha = min(1, alpha_gain * intensity)``, so dark cloth stays opaque and the
+    ``"photo"`` and ``"photo-shared"``: the item, tinted with a random colour (random hue,
+    saturation 0.5-1, value 0.7-1, its own gray shading kept), is pasted at a random place and
+    scale onto a square crop of a random background photo (crop side a random fraction
+    ``crop_scale`` of the photo's short side, random position, resampled to ``image_size``).
+    ``"photo"`` draws the photo from the split's own photos; ``"photo-shared"`` from all of them,
+    so test backgrounds come from the training photos' distribution (the split still seeds the
+    draws, so the crops differ). The item's intensity is its opacity:
+    ``alpha = min(1, alpha_gain * intensity)``, so dark cloth stays opaque and the
     item's edges blend into the photo.
 
     Parameters
