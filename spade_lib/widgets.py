@@ -56,6 +56,12 @@ def img_tag(image: torch.Tensor | np.ndarray | Figure, scale: int = 1, title: st
     return f'<img src="data:image/png;base64,{data}" title="{title}" alt="{title}"/>'
 
 
+def _image(page: bytes | Figure) -> widgets.Image:
+    """A page (PNG bytes, or a figure rendered to PNG here) as an Image widget."""
+    return widgets.Image(value=page if isinstance(page, bytes) else png_bytes(page),
+                         format="png", layout=widgets.Layout(max_width="100%"))
+
+
 def browser(pages: Mapping[str, bytes | Figure], description: str = "show") -> widgets.VBox:
     """A Dropdown that picks one of ``pages`` (PNG bytes or figures), linked in the browser.
 
@@ -69,11 +75,7 @@ def browser(pages: Mapping[str, bytes | Figure], description: str = "show") -> w
     if not pages:
         raise ValueError("browser() needs at least one page")
     labels: Sequence[str] = list(pages)
-    images = [
-        widgets.Image(value=p if isinstance(p, bytes) else png_bytes(p), format="png",
-                      layout=widgets.Layout(max_width="100%"))
-        for p in pages.values()
-    ]
+    images = [_image(p) for p in pages.values()]
     dropdown = widgets.Dropdown(options=labels, index=0, description=description,
                                 style={"description_width": "initial"})
     stack = widgets.Stack(images, selected_index=0)
@@ -113,10 +115,7 @@ def grid_browser(pages: Mapping[str, Mapping[str, bytes | Figure]],
                               style={"description_width": "initial"})
     stacks = []
     for key in outer:
-        images = [widgets.Image(value=p if isinstance(p, bytes) else png_bytes(p), format="png",
-                                layout=widgets.Layout(max_width="100%"))
-                  for p in pages[key].values()]
-        stack = widgets.Stack(images, selected_index=0)
+        stack = widgets.Stack([_image(p) for p in pages[key].values()], selected_index=0)
         widgets.jslink((second, "index"), (stack, "selected_index"))
         stacks.append(stack)
     outer_stack = widgets.Stack(stacks, selected_index=0)

@@ -63,6 +63,22 @@ def _visible_images(page) -> list[bytes]:
             if images.nth(i).is_visible()]
 
 
+def _open(page, url: str):
+    """Load a page and wait until its widgets have rendered; returns its dropdowns."""
+    page.goto(url, wait_until="networkidle")
+    selects = page.locator(".jupyter-widgets select")
+    selects.first.wait_for(state="visible", timeout=30_000)
+    page.wait_for_function("document.querySelectorAll('.jupyter-widgets img').length > 0")
+    return selects
+
+
+def _choose(page, select, index: int) -> list[bytes]:
+    """Pick an option of a dropdown; the widget images visible afterwards."""
+    select.select_option(index=index)
+    page.wait_for_timeout(500)
+    return _visible_images(page)
+
+
 def test_widget_js_is_local_and_no_cdn_is_named(site: Path) -> None:
     page = (site / "hyperparameters.html").read_text()
     static = site / "_static"
@@ -106,48 +122,32 @@ def test_every_chapter_is_built(site: Path) -> None:
 def test_map_browser_reacts_to_sample_and_method(server: str) -> None:
     failed: list[str] = []
     with _page(failed) as page:
-        page.goto(f"{server}/additional_results.html", wait_until="networkidle")
-        selects = page.locator(".jupyter-widgets select")
-        selects.first.wait_for(state="visible", timeout=30_000)
-        page.wait_for_function("document.querySelectorAll('.jupyter-widgets img').length > 0")
+        selects = _open(page, f"{server}/additional_results.html")
         assert selects.count() == 2
         sample, method = selects.nth(0), selects.nth(1)
         assert len(sample.locator("option").all_inner_texts()) >= 2
         assert len(method.locator("option").all_inner_texts()) >= 2
         start = _visible_images(page)
         assert len(start) == 1, "one page (image, mask, dense and SPADE maps) at a time"
-        method.select_option(index=1)
-        page.wait_for_timeout(500)
-        other_method = _visible_images(page)
+        other_method = _choose(page, method, 1)
         assert len(other_method) == 1 and other_method != start, "the method changed nothing"
-        sample.select_option(index=1)
-        page.wait_for_timeout(500)
-        other_sample = _visible_images(page)
+        other_sample = _choose(page, sample, 1)
         assert len(other_sample) == 1 and other_sample not in (start, other_method), \
             "the sample changed nothing"
         sample.select_option(index=0)
-        method.select_option(index=0)
-        page.wait_for_timeout(500)
-        assert _visible_images(page) == start
+        assert _choose(page, method, 0) == start
     assert not failed, failed
 
 
 def test_rule_browser_renders_and_reacts(server: str) -> None:
     failed: list[str] = []
     with _page(failed) as page:
-        page.goto(f"{server}/hyperparameters.html", wait_until="networkidle")
-        select = page.locator(".jupyter-widgets select").first
-        select.wait_for(state="visible", timeout=30_000)
-        page.wait_for_function("document.querySelectorAll('.jupyter-widgets img').length > 0")
+        select = _open(page, f"{server}/hyperparameters.html").first
         before = _visible_images(page)
         options = select.locator("option").all_inner_texts()
         assert len(options) >= 2 and len(before) == 1
-        select.select_option(index=1)
-        page.wait_for_timeout(500)
-        after = _visible_images(page)
+        after = _choose(page, select, 1)
         assert len(after) == 1 and after != before, "choosing another rule changed nothing"
-        select.select_option(index=0)
-        page.wait_for_timeout(500)
-        assert _visible_images(page) == before
+        assert _choose(page, select, 0) == before
         page.goto(f"{server}/index.html", wait_until="networkidle")
     assert not failed, failed
