@@ -34,17 +34,18 @@ RuleSet = Literal["fashion", "fashion-tuning", "imagenet", "food101", "celeba"]
 Pruner = Literal["obc", "fastobc", "magnitude"]
 Augment = Literal["default", "convnext"]
 Device = Literal["auto", "cpu", "cuda"]
+Optimizer = Literal["sgd", "adamw"]
 
 # Keys that change what is trained; the checkpoint cache is keyed by these alone.
 TRAINING_KEYS = (
     "seed", "dataset", "scene", "image_size", "train_size", "rules", "trojan_fraction",
     "patch_scale", "patch_alpha", "arch", "width", "pretrained", "epochs", "batch_size", "lr",
-    "momentum", "weight_decay", "lr_step", "lr_gamma", "random_shift",
+    "momentum", "weight_decay", "lr_step", "lr_gamma", "random_shift", "optimizer", "warmup_steps",
 )
 
 # Keys added after caches existed, with the value that reproduces the earlier behaviour: a key at
 # that value is left out of digests, so earlier checkpoints and results stay valid.
-LATE_KEYS = {"random_shift": 0}
+LATE_KEYS = {"random_shift": 0, "optimizer": "sgd", "warmup_steps": 0}
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,9 @@ class Config:
     arch: Arch = "resnet18"
     width: int = field(default=16, metadata={"min": 2, "max": 1024})
     pretrained: bool = False
-    # training (Table C.9 recipe: SGD, momentum, step LR)
+    # training (Table C.9 recipe: SGD, momentum, step LR; "adamw" is ConvNeXt's own optimizer,
+    # for networks with LayerNorm that SGD does not train)
+    optimizer: Optimizer = "sgd"
     epochs: int = field(default=10, metadata={"min": 1, "max": 1000})
     batch_size: int = field(default=128, metadata={"min": 1, "max": 8192})
     lr: float = field(default=0.1, metadata={"min": 1e-7, "max": 10.0})
@@ -80,6 +83,8 @@ class Config:
     weight_decay: float = field(default=5e-4, metadata={"min": 0.0, "max": 0.1})
     lr_step: int = field(default=7, metadata={"min": 1})
     lr_gamma: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
+    # linear learning-rate warm-up over the first this many optimizer steps
+    warmup_steps: int = field(default=0, metadata={"min": 0})
     # training augmentation besides horizontal flips: random translation by up to this many
     # pixels (reflect-padded), the standard CIFAR crop
     random_shift: int = field(default=0, metadata={"min": 0, "max": 64})

@@ -1,8 +1,9 @@
 """Plant the Trojans: train a classifier on poisoned data, cached by a hash of its config.
 
 The recipe is Table C.9's: SGD with momentum, a step learning-rate schedule (gamma 0.1) and
-weight decay. Every chapter calls :func:`trained_model`, which trains once and then loads the
-checkpoint, so a rebuilt book does not retrain.
+weight decay; networks with LayerNorm (the ConvNeXt style) take AdamW with a linear warm-up
+instead, as ConvNeXt itself does. Every chapter calls :func:`trained_model`, which trains once
+and then loads the checkpoint, so a rebuilt book does not retrain.
 """
 
 from __future__ import annotations
@@ -122,6 +123,21 @@ def trained_model(cfg: Config, progress: bool = True, retrain: bool = False) -> 
     return result
 
 
+def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """SGD with momentum (Table C.9) or AdamW (ConvNeXt's), with ``cfg``'s weight decay."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+def learning_rate(cfg: Config, epoch: int, step: int) -> float:
+    """The rate at optimizer ``step`` (counted from 0) in ``epoch``: step decay by ``lr_gamma``
+    every ``lr_step`` epochs, times a linear warm-up over the first ``warmup_steps`` steps."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    return cfg.lr * cfg.lr_gamma ** (epoch // cfg.lr_step) * warm
+
+
 def train(cfg: Config, progress: bool = True) -> TrainResult:
     """Train ``cfg.arch`` on the poisoned training split with the Table C.9 recipe (no caching)."""
     gen = _set_seed(cfg.seed)
@@ -131,9 +147,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     # layout before the model is returned, so pruning code sees ordinary contiguous tensors.
     layout = torch.channels_last
     model = build_model(cfg.arch, 10, cfg.width, cfg.image_size).to(device, memory_format=layout)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    opt = make_optimizer(model, cfg)
     n = len(train_set.labels)
     steps = (n + cfg.batch_size - 1) // cfg.batch_size
     history: list[dict] = []
@@ -145,6 +159,8 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
         order = torch.randperm(n, generator=gen)
         total_loss, correct = 0.0, 0
         for b in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(cfg, epoch, epoch * steps + b)
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             x = _as_float(train_set.images[idx])
             flip = torch.rand(len(idx), generator=gen) < 0.5
@@ -161,9 +177,8 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
             correct += int((logits.argmax(1) == y).sum())
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
             bar.update(1)
-        sched.step()
         history.append({"epoch": epoch + 1, "loss": total_loss / n, "train_accuracy": correct / n,
-                        "lr": opt.param_groups[0]["lr"],
+                        "lr": learning_rate(cfg, epoch + 1, (epoch + 1) * steps),
                         "seconds": time.perf_counter() - start})
     bar.close()
     seconds = time.perf_counter() - start

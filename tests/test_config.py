@@ -124,11 +124,13 @@ def test_preset_base_errors_name_the_problem(tmp_path) -> None:
         config.load(bad)
 
 
-def test_late_keys_at_their_old_value_keep_old_digests() -> None:
+@pytest.mark.parametrize(("key", "other"), [("random_shift", 2), ("optimizer", "adamw"),
+                                            ("warmup_steps", 50)])
+def test_late_keys_at_their_old_value_keep_old_digests(key: str, other: object) -> None:
     cfg = config.load("smoke")
-    assert cfg.random_shift == config.LATE_KEYS["random_shift"] == 0
+    assert getattr(cfg, key) == config.LATE_KEYS[key]
     without = {k: v for k, v in cfg.to_dict().items()
-               if k in config.TRAINING_KEYS and k != "random_shift"}
+               if k in config.TRAINING_KEYS and k not in config.LATE_KEYS}
     old = hashlib.sha256(json.dumps(without, sort_keys=True, default=str).encode()).hexdigest()
     assert cfg.digest(config.TRAINING_KEYS) == old[:12]
-    assert cfg.replace(random_shift=2).digest(config.TRAINING_KEYS) != old[:12]
+    assert cfg.replace(**{key: other}).digest(config.TRAINING_KEYS) != old[:12]

@@ -20,7 +20,7 @@ from captum.attr import (
 )
 from torch import nn
 
-from spade_lib.models import ARCHS, build_model, make_attribution_safe
+from spade_lib.models import ARCHS, LayerNorm2d, build_model, make_attribution_safe
 
 SMALL = ["resnet20", "resnet18", "mobilenetv2", "convnext"]
 
@@ -54,6 +54,18 @@ def test_output_shape_and_activations_used_once_not_inplace(arch: str) -> None:
     calls = _activation_calls(model, x)
     assert calls and max(calls.values()) == 1, "an activation module is applied twice"
     assert not any(getattr(m, "inplace", False) for m in model.modules())
+
+
+def test_convnext_norm_normalises_each_pixel_over_its_channels() -> None:
+    torch.manual_seed(0)
+    x = 3 * torch.randn(2, 6, 5, 4) + 1
+    norm = LayerNorm2d(6)
+    out = norm(x)
+    assert out.shape == x.shape
+    assert torch.allclose(out.mean(1), torch.zeros(2, 5, 4), atol=1e-5)
+    assert torch.allclose(out.var(1, unbiased=False), torch.ones(2, 5, 4), atol=1e-3)
+    cl = norm(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(cl, out, atol=1e-6)
 
 
 def test_torchvision_resnet_needed_the_rewiring() -> None:
