@@ -49,7 +49,7 @@ def main() -> None:
         "scene": cfg.scene,
         "arch": cfg.arch, "width": cfg.width, "epochs": cfg.epochs, "lr": cfg.lr,
         "lr_step": cfg.lr_step, "trojan_fraction": cfg.trojan_fraction,
-        "random_shift": cfg.random_shift,
+        "patch_alpha": cfg.patch_alpha, "random_shift": cfg.random_shift,
         "train_seconds": round(trained.seconds, 1),
         "clean_accuracy": round(100 * trained.clean_accuracy, 2),
     }
