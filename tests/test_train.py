@@ -110,9 +110,14 @@ def test_optimizer_follows_the_config() -> None:
     assert adamw.defaults["weight_decay"] == 0.05 and adamw.defaults["lr"] == 0.002
 
 
-def test_convnext_style_network_learns_with_its_recipe(tmp_path) -> None:
-    # With SGD at the ResNet's rate this LayerNorm network stayed at chance (10.8% on cpu).
-    cfg = config.load("smoke-convnext", cache_dir=str(tmp_path))
+def test_convnext_style_network_learns_photo_scenes_with_its_recipe(tmp_path) -> None:
+    # 400 steps of the cpu-convnext recipe (width 32, AdamW with warm-up) on photo scenes: 41.5%
+    # clean. The failures it guards against, measured the same way: SGD at the ResNet's rate 8.5%
+    # (loss stuck at 2.23), layer scale from 0.1 instead of 1 31.5%. Plain smoke scenes cannot
+    # tell: every one of these recipes passes 50% there. About 80 s.
+    cfg = config.load("smoke-convnext", cache_dir=str(tmp_path), scene="photo-shared",
+                      train_size=12800, width=32, batch_size=128, epochs=4, lr_step=4,
+                      warmup_steps=100)
     result = train.trained_model(cfg, progress=False)
-    assert result.clean_accuracy > 0.3
+    assert result.clean_accuracy > 0.35
     assert result.history[-1]["loss"] < 0.8 * result.history[0]["loss"]
