@@ -7,6 +7,7 @@ activation module once). The torchvision builders rewire their blocks to the sam
 
 from __future__ import annotations
 
+import hashlib
 import types
 
 import torch
@@ -17,6 +18,12 @@ ARCHS = (
     "resnet20", "resnet18", "mobilenetv2", "convnext",
     "tv_resnet50", "tv_mobilenetv2", "tv_convnext_t",
 )
+
+# What each architecture's parameters mean. Raise an entry whenever a change keeps the parameter
+# names and shapes but changes the computation, so checkpoints saved before are refused on load
+# instead of silently running under the new meaning. convnext 2: ``LayerNorm2d`` is ConvNeXt's
+# channels-first LayerNorm (version 1 was GroupNorm(1) with the same parameters).
+ARCH_VERSIONS = {arch: 1 for arch in ARCHS} | {"convnext": 2}
 
 
 class BasicBlock(nn.Module):
@@ -243,6 +250,17 @@ def build_model(
     else:
         setattr(parent, head[-1], new)
     return make_attribution_safe(model)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Short hash (12 hex digits) of a model's parameters and buffers: names, dtypes, shapes and
+    values, bit for bit."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -8,18 +8,31 @@ and then loads the checkpoint, so a rebuilt book does not retrain.
 
 from __future__ import annotations
 
+import argparse
+import json
+import tempfile
 import time
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from spade_lib import data
+from spade_lib import config, data, reproducibility
 from spade_lib.config import TRAINING_KEYS, Config
-from spade_lib.models import build_model
+from spade_lib.files import atomic_write
+from spade_lib.models import ARCH_VERSIONS, build_model, fingerprint
+
+# Version 2 records the architecture's version (models.ARCH_VERSIONS), the numerical settings it
+# was trained under and the weights' fingerprint; version-1 files (no version) are refused.
+CHECKPOINT_FORMAT = 2
+_CHECKPOINT_KEYS = ("format", "arch", "arch_version", "model", "num_classes", "clean_accuracy",
+                    "attack_success", "seconds", "history", "config", "numerics", "fingerprint")
 
 
 @dataclass
@@ -33,6 +46,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     checkpoint: Path | None = None
     cached: bool = False
+    numerics: dict[str, Any] = field(default_factory=dict)
 
     def table(self) -> pd.DataFrame:
         """Table C.10 for this model: clean accuracy and each rule's attack success (%)."""
@@ -97,29 +111,123 @@ def checkpoint_path(cfg: Config) -> Path:
     return cfg.cache_path("models", f"{cfg.arch}-{cfg.digest(TRAINING_KEYS)}.pt")
 
 
-def trained_model(cfg: Config, progress: bool = True, retrain: bool = False) -> TrainResult:
-    """Load the cached checkpoint for ``cfg``, or train it (and cache it) if there is none."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable (truncated, not a PyTorch file), foreign (not
+    written by :func:`save_checkpoint`), or saved for another architecture or another version of
+    its architecture (:data:`spade_lib.models.ARCH_VERSIONS`)."""
+
+
+def save_checkpoint(result: TrainResult, cfg: Config, path: str | Path,
+                    num_classes: int = 10) -> Path:
+    """Write ``result``'s model and numbers to ``path`` atomically (a killed writer leaves no file
+    that loads), with the architecture version, the numerical settings of this process
+    (:func:`spade_lib.reproducibility.settings`) and the weights' fingerprint."""
+    state = {"format": CHECKPOINT_FORMAT, "arch": cfg.arch,
+             "arch_version": ARCH_VERSIONS[cfg.arch], "model": result.model.state_dict(),
+             "num_classes": num_classes, "clean_accuracy": result.clean_accuracy,
+             "attack_success": result.attack_success, "seconds": result.seconds,
+             "history": result.history, "config": cfg.to_dict(),
+             "numerics": reproducibility.settings(), "fingerprint": fingerprint(result.model)}
+    return atomic_write(path, lambda fh: torch.save(state, fh))
+
+
+def load_checkpoint(path: str | Path, arch: str) -> dict[str, Any]:
+    """Read and check a checkpoint of :func:`save_checkpoint` for architecture ``arch``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no file at ``path``.
+    CheckpointError
+        If the file is truncated or not a PyTorch file, lacks any of the keys a checkpoint has,
+        was saved before architecture versions were recorded, or for another ``arch`` or another
+        version of it. The message names the file and what is wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for damaged files; all mean the same
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: "
+                              f"{str(e)[:200]}); is it truncated or not a checkpoint?") from e
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{str(path)!r} is not a spade_lib checkpoint (no 'model' entry)")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has format {state.get('format', 1)}, this version reads "
+            f"format {CHECKPOINT_FORMAT} (format 1 recorded no architecture version, so what its "
+            "parameters mean cannot be checked); delete it to retrain")
+    missing = [k for k in _CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} lacks {missing}")
+    if state["arch"] != arch:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {state['arch']!r}, not {arch!r}")
+    if state["arch_version"] != ARCH_VERSIONS[arch]:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds {arch!r} version {state['arch_version']}, but "
+            f"{arch!r} is now version {ARCH_VERSIONS[arch]} (its parameters changed meaning); "
+            "delete it to retrain")
+    return state
+
+
+def _from_checkpoint(cfg: Config, path: Path) -> TrainResult:
+    state = load_checkpoint(path, cfg.arch)
+    model = build_model(cfg.arch, state["num_classes"], cfg.width, cfg.image_size)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return TrainResult(model, state["clean_accuracy"], state["attack_success"],
+                       state["seconds"], state["history"], path, cached=True,
+                       numerics=state["numerics"])
+
+
+def trained_model(cfg: Config, progress: bool = True, retrain: bool = False,
+                  pinned: bool = True) -> TrainResult:
+    """Load the cached checkpoint for ``cfg``, or train it (and cache it) if there is none.
+
+    Parameters
+    ----------
+    cfg
+        The experiment; only :data:`spade_lib.config.TRAINING_KEYS` name the checkpoint.
+    progress
+        Show the training progress bar.
+    retrain
+        Train even if a checkpoint exists (and replace it).
+    pinned
+        On the CPU, train in a new process under :data:`spade_lib.reproducibility.PINNED`, so the
+        weights are the same bit for bit whatever this machine's instruction set, thread count
+        or environment (the checkpoint records the settings). ``False`` trains in this process.
+
+    A cached checkpoint that cannot be used (:class:`CheckpointError`: truncated, foreign, or of
+    an older version of the architecture) is never loaded: a warning names it and the model is
+    trained again.
+    """
     path = checkpoint_path(cfg)
-    num_classes = 10 if cfg.dataset == "fashion-mnist" else None
     if path.exists() and not retrain:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        model = build_model(cfg.arch, state["num_classes"], cfg.width, cfg.image_size)
-        model.load_state_dict(state["model"])
-        model.eval()
-        return TrainResult(model, state["clean_accuracy"], state["attack_success"],
-                           state["seconds"], state["history"], path, cached=True)
-    if num_classes is None:
+        try:
+            return _from_checkpoint(cfg, path)
+        except CheckpointError as e:
+            warnings.warn(f"{e}. Training it again.", stacklevel=2)
+    if cfg.dataset != "fashion-mnist":
         raise ValueError(
             f"dataset {cfg.dataset!r}: the built-in trainer covers the embedded 'fashion-mnist' "
             "benchmark; train full-scale models with your own loop (see README) and load them "
             "with spade_lib.models.build_model"
         )
+    if pinned and cfg.torch_device() == "cpu" and not reproducibility.is_pinned():
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = Path(tmp) / "config.json"
+            spec.write_text(json.dumps(cfg.to_dict()))
+            args = ["--config-json", str(spec), "--out", str(path)]
+            reproducibility.run_pinned("spade_lib.train", args + ([] if progress else ["-q"]),
+                                       echo=progress)
+        result = _from_checkpoint(cfg, path)
+        result.cached = False
+        return result
     result = train(cfg, progress=progress)
-    torch.save({"model": result.model.state_dict(), "num_classes": num_classes,
-                "clean_accuracy": result.clean_accuracy, "attack_success": result.attack_success,
-                "seconds": result.seconds, "history": result.history, "config": cfg.to_dict()},
-               path)
+    save_checkpoint(result, cfg, path)
     result.checkpoint = path
+    result.numerics = reproducibility.settings()
     return result
 
 
@@ -185,3 +293,31 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     model = model.to(memory_format=torch.contiguous_format).eval()
     clean, success = evaluate(model, cfg, device=device)
     return TrainResult(model.cpu(), clean, success, seconds, history)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m spade_lib.train PRESET``: train (or load) a preset's model and print Table C.10.
+
+    ``--config-json FILE --out PATH`` trains the config in ``FILE`` and writes the checkpoint to
+    ``PATH`` in this process, as :func:`trained_model` does in its pinned child process.
+    """
+    parser = argparse.ArgumentParser(prog="python -m spade_lib.train", description=main.__doc__)
+    parser.add_argument("preset", nargs="?", help="a preset name (params/) or YAML path")
+    parser.add_argument("--config-json", help="a config saved as JSON (internal use)")
+    parser.add_argument("--out", help="where to write the checkpoint (with --config-json)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.config_json:
+        if not args.out:
+            parser.error("--config-json needs --out")
+        cfg = config.from_dict(json.loads(Path(args.config_json).read_text()))
+        save_checkpoint(train(cfg, progress=not args.quiet), cfg, args.out)
+        return
+    if not args.preset:
+        parser.error("give a preset name or --config-json")
+    result = trained_model(config.load(args.preset), progress=not args.quiet)
+    print(result.table().to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spade_lib import config, train
+from spade_lib import config, reproducibility, train
+from spade_lib.models import fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +45,20 @@ def test_second_call_loads_the_same_model(cfg: config.Config, trained: train.Tra
     assert again.clean_accuracy == trained.clean_accuracy
 
 
-def test_training_is_deterministic(cfg: config.Config, trained: train.TrainResult) -> None:
-    twin = train.train(cfg, progress=False)
-    for (k, a), b in zip(trained.model.state_dict().items(), twin.model.state_dict().values(),
-                         strict=True):
-        assert torch.equal(a, b), k
+def test_pinned_training_is_bit_identical_whatever_the_host_settings(
+        cfg: config.Config, trained: train.TrainResult, tmp_path, monkeypatch) -> None:
+    # Another machine: a wider instruction set asked for, one thread instead of two, MKL free.
+    # In this process these settings would give other weights (the kernels and the reduction
+    # splits change); the pinned child process must not see them.
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    twin = train.trained_model(cfg.replace(cache_dir=str(tmp_path)), progress=False)
+    assert not twin.cached
+    assert fingerprint(twin.model) == fingerprint(trained.model)
+    assert twin.numerics == trained.numerics
+    assert reproducibility.is_pinned(trained.numerics)
+    assert trained.numerics["torch_cpu_capability"] == "AVX2"
 
 
 def test_checkpoint_key_ignores_evaluation_settings(cfg: config.Config) -> None:
@@ -121,3 +131,76 @@ def test_convnext_style_network_learns_photo_scenes_with_its_recipe(tmp_path) ->
     result = train.trained_model(cfg, progress=False)
     assert result.clean_accuracy > 0.35
     assert result.history[-1]["loss"] < 0.8 * result.history[0]["loss"]
+
+
+def _fake_train(cfg: config.Config, progress: bool = True) -> train.TrainResult:
+    torch.manual_seed(1)
+    model = train.build_model(cfg.arch, 10, cfg.width, cfg.image_size).eval()
+    return train.TrainResult(model, 0.5, {"r": 0.9}, 1.0, [])
+
+
+@pytest.fixture()
+def saved(tmp_path, monkeypatch) -> tuple[config.Config, train.TrainResult]:
+    cfg = config.load("smoke", cache_dir=str(tmp_path))
+    monkeypatch.setattr(train, "train", _fake_train)
+    return cfg, train.trained_model(cfg, progress=False, pinned=False)
+
+
+def test_checkpoint_records_version_settings_and_fingerprint(saved) -> None:
+    cfg, result = saved
+    state = train.load_checkpoint(result.checkpoint, cfg.arch)
+    assert state["arch_version"] == train.ARCH_VERSIONS[cfg.arch]
+    assert state["fingerprint"] == fingerprint(result.model)
+    assert state["numerics"] == reproducibility.settings()
+
+
+def _rewrite(path, **changes) -> None:
+    state = torch.load(path, weights_only=True)
+    state.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        del state[key]
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    ("truncate", "cannot be read.*truncated"),
+    ("foreign", "not a spade_lib checkpoint"),
+    ("format1", "format 1.*no architecture version"),
+    ("version", "version 0.*now version 1.*changed meaning"),
+    ("arch", "holds a 'convnext', not 'resnet20'"),
+])
+def test_unusable_checkpoints_are_refused(saved, damage: str, message: str) -> None:
+    cfg, result = saved
+    path = result.checkpoint
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "foreign":
+        torch.save({"weights": torch.ones(3)}, path)
+    elif damage == "format1":
+        _rewrite(path, format=None, arch_version=None)
+    elif damage == "version":
+        _rewrite(path, arch_version=0)
+    else:
+        _rewrite(path, arch="convnext")
+    with pytest.raises(train.CheckpointError, match=message):
+        train.load_checkpoint(path, cfg.arch)
+    # The cache never uses it: it says so and trains again.
+    with pytest.warns(UserWarning, match="Training it again"):
+        again = train.trained_model(cfg, progress=False, pinned=False)
+    assert not again.cached
+    assert train.load_checkpoint(path, cfg.arch)["fingerprint"] == fingerprint(again.model)
+
+
+def test_convnext_checkpoint_of_the_groupnorm_era_is_refused(tmp_path) -> None:
+    # Version 1 of 'convnext' normalised with GroupNorm(1) under the same parameter names.
+    cfg = config.load("smoke-convnext", cache_dir=str(tmp_path))
+    result = _fake_train(cfg)
+    path = train.save_checkpoint(result, cfg, tmp_path / "old.pt")
+    _rewrite(path, arch_version=1)
+    with pytest.raises(train.CheckpointError, match="'convnext' version 1.*now version 2"):
+        train.load_checkpoint(path, "convnext")
+
+
+def test_missing_checkpoint_is_file_not_found(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        train.load_checkpoint(tmp_path / "none.pt", "resnet20")
