@@ -258,8 +258,10 @@ def best_of_aggregations(scores: pd.DataFrame, by: str | Sequence[str] | None = 
     Returns
     -------
     pandas.DataFrame
-        Per group: ``sum`` and ``abs`` (NaN-skipping means), ``best`` (the larger), ``aggregation``
-        (``"sum"`` or ``"abs"``, the one taken; ``"sum"`` on an exact tie) and ``n`` (rows).
+        Per group: ``sum`` and ``abs`` (NaN-skipping means), ``best`` (the larger; an aggregation
+        with no score never beats one with a score), ``aggregation`` (``"sum"`` or ``"abs"``, the
+        one taken; ``"sum"`` on an exact tie; ``None`` when neither has a score), ``n`` (rows)
+        and ``n_scored`` (rows with a score in the aggregation taken; 0 when ``best`` is NaN).
     """
     if metric not in ("auc", "pointing"):
         raise ValueError(f"unknown metric {metric!r}; allowed: auc, pointing")
@@ -272,17 +274,23 @@ def best_of_aggregations(scores: pd.DataFrame, by: str | Sequence[str] | None = 
         grouped = scores.groupby(keys, sort=False)
         table = grouped[cols].mean()
         table["n"] = grouped.size()
+        scored = grouped[cols].count()
     else:
         table = scores[cols].mean().to_frame().T
         table["n"] = len(scores)
+        scored = scores[cols].count().to_frame().T
     table = table.rename(columns={f"{metric}_{how}": how for how in AGGREGATIONS})
-    take_abs = table["abs"] > table["sum"]
+    take_abs = (table["abs"] > table["sum"]) | (table["sum"].isna() & table["abs"].notna())
     table["best"] = table["sum"].where(~take_abs, table["abs"])
-    table["aggregation"] = np.where(take_abs, "abs", "sum")
-    table.loc[table["sum"].isna() & table["abs"].isna(), "aggregation"] = None
+    none = table["best"].isna()
+    table["aggregation"] = pd.Series(
+        [None if z else "abs" if a else "sum" for a, z in zip(take_abs, none, strict=True)],
+        index=table.index, dtype=object)
+    counts = scored[cols[1]].where(take_abs.to_numpy(), scored[cols[0]]).to_numpy()
+    table["n_scored"] = np.where(none, 0, counts).astype(np.int64)
     table.attrs["description"] = (f"best of the signed-sum and abs-sum means of {metric}, "
                                   "as the paper reports it")
-    table = table[["sum", "abs", "best", "aggregation", "n"]]
+    table = table[["sum", "abs", "best", "aggregation", "n", "n_scored"]]
     return table.reset_index() if keys else table.reset_index(drop=True)
 
 

@@ -20,8 +20,14 @@ Solvers (``method``):
 Rounding: ``magnitude`` and ``obc`` prune exactly ``round(sparsity * W.numel())`` weights;
 ``fastobc`` prunes ``round(sparsity * rows * g)`` weights in each group of ``g`` columns (the
 SparseGPT rule), so the layer total is within half a weight per group of the target. ``round``
-rounds halves up. Weights of dead inputs (``H_jj == 0``) are set to zero by the Hessian solvers:
-they cannot change the layer's output on the data, and they count towards the budget.
+rounds halves up. A budget never takes every weight of its group (at most ``size - 1``): the
+sparsity is below 1, so a layer emptied by rounding (a ``Linear(4, 3)`` head at 0.99 rounds 11.88
+up to all 12 weights) would be an artefact that zeroes every saliency map; the weights so kept are
+reported (:attr:`PruneInfo.spared`). Weights of dead inputs (``H_jj == 0``) are set to zero by the
+Hessian solvers: they cannot change the layer's output on the data. They are pruned first and
+count towards the budget, but where they outnumber it (a dead input channel is a whole group of a
+conv) the layer ends above its target: :attr:`PruneInfo.excess` counts the zero weights beyond
+the budget.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "METHODS", "LinearSchedule", "OnlyBlocks", "PruneInfo", "SparsitySpec", "check_method",
+    "METHODS", "LinearSchedule", "OnlyBlocks", "PruneInfo", "SparsitySpec",
+    "SparsityTargetWarning", "check_method",
     "conv_columns", "default_layers", "default_mask_group", "eval_mode", "layer_hessians",
     "linear", "only",
     "prunable_layers", "prune_layer", "prune_layer_batch", "reconstruction_errors",
@@ -357,7 +364,10 @@ class PruneInfo:
     ``error`` is ``tr((W - W_hat) H (W - W_hat)^T)`` with the undamped ``H`` (that is
     ``(2/N) ||(W - W_hat) X||^2``), ``rel_error`` the same divided by ``tr(W H W^T)``. ``damp`` is
     the relative damping (fraction of the mean diagonal of ``H``) that made the factorisation work;
-    it is larger than requested when ``H`` was not positive definite.
+    it is larger than requested when ``H`` was not positive definite. Counts (weights):
+    ``weights`` in the layer, ``budget`` the solver removes (the rounding of the target, see the
+    module notes), ``pruned`` zero after pruning (``sparsity * weights``), ``spared`` kept because
+    a budget may not take a whole group.
     """
 
     method: str
@@ -367,11 +377,43 @@ class PruneInfo:
     error: float
     rel_error: float
     seconds: float
+    weights: int = 0
+    budget: int = 0
+    pruned: int = 0
+    spared: int = 0
+
+    @property
+    def excess(self) -> int:
+        """Zero weights beyond the budget (dead inputs beyond a group's budget, weights that were
+        zero already); positive means the layer is above its target by more than rounding."""
+        return max(self.pruned - self.budget, 0)
+
+    @property
+    def empty(self) -> bool:
+        """Every weight of the layer is zero (every saliency map through it is constant)."""
+        return self.weights > 0 and self.pruned == self.weights
+
+
+class SparsityTargetWarning(UserWarning):
+    """A pruned layer is empty, above its target beyond rounding, or kept weights by rounding."""
 
 
 def _round(x: float) -> int:
     """Round half up (Python's ``round`` rounds half to even)."""
     return math.floor(x + 0.5)
+
+
+def _budget(sparsity: float, size: int) -> int:
+    """Weights removed from a group of ``size``: ``round(sparsity * size)``, never all of them."""
+    return min(_round(sparsity * size), max(size - 1, 0))
+
+
+def _budgets(sparsity: float, rows: int, n: int, group: int) -> tuple[int, int]:
+    """``(budget, spared)`` of a ``[rows, n]`` weight whose mask groups have ``group`` columns:
+    the weights removed and the weights kept only because a budget may not take a whole group."""
+    sizes = [rows * (min(g + group, n) - g) for g in range(0, n, group)]
+    budget = sum(_budget(sparsity, size) for size in sizes)
+    return budget, sum(_round(sparsity * size) for size in sizes) - budget
 
 
 def _check_sparsity(sparsity: Any, what: str = "sparsity") -> float:
@@ -494,7 +536,7 @@ def _fastobc(w: Tensor, u: Tensor, sparsity: float, group: int, block: int) -> T
             if j % group == 0:
                 g = slice(j, min(j + group, n))
                 scores = wt[:, g].abs() * dinv[:, g, None]      # same order as w^2 / U_jj^2
-                mask = _select_smallest(scores, _round(sparsity * scores[0].numel()))
+                mask = _select_smallest(scores, _budget(sparsity, scores[0].numel()))
                 torch.mul(mask, dinv[:, g, None], out=scale[:, g])
             torch.mul(wt[:, j], scale[:, j], out=err[:, j - i1])
             if j + 1 < i2:
@@ -534,7 +576,7 @@ def _obc(w: Tensor, hd: Tensor, hinv: Tensor, sparsity: float, batch_bytes: int)
             wr.sub_(col * (wr[ar, j] / dj)[:, None])
             hi.sub_(col[:, :, None] * (col / dj[:, None])[:, None, :])
             done[ar, j] = True
-    total = _round(sparsity * rows * n)
+    total = _budget(sparsity, rows * n)
     keys = losses.cummax(1).values.flatten()
     chosen = keys.sort(stable=True).indices[:total]
     counts = torch.bincount(chosen // n, minlength=rows)
@@ -554,7 +596,7 @@ def _obc(w: Tensor, hd: Tensor, hinv: Tensor, sparsity: float, batch_bytes: int)
 
 
 def _magnitude(w: Tensor, sparsity: float) -> Tensor:
-    mask = _select_smallest(w.abs(), _round(sparsity * w[0].numel()))
+    mask = _select_smallest(w.abs(), _budget(sparsity, w[0].numel()))
     return w.masked_fill(mask, 0.0)
 
 
@@ -568,6 +610,7 @@ def _solve(
     S, n = h.shape[0], h.shape[-1]
     w = weight.detach().flatten(1).to(dtype).expand(S, -1, -1)
     damps = torch.zeros(S, dtype=torch.float64)
+    group = n
     if method == "magnitude":
         out = _magnitude(w, sparsity)
     else:
@@ -590,14 +633,17 @@ def _solve(
         torch.cuda.synchronize(w.device)
     seconds = (time.perf_counter() - start) / S
     errors, refs = reconstruction_errors(weight.detach().flatten(1).to(dtype), out, h)
-    achieved = (out == 0).flatten(1).double().mean(1).tolist()
+    zeros = (out == 0).flatten(1).sum(1).tolist()
+    achieved = [z / out[0].numel() for z in zeros]
+    budget, spared = _budgets(sparsity, w.shape[1], n, group)
     if sparsity > 0 and min(achieved) == 0:
         warnings.warn(f"{method} pruned no weight of a {tuple(weight.shape)} layer at sparsity "
                       f"{sparsity}: the per-group budget rounds to zero (use a larger mask_group)",
                       RuntimeWarning, stacklevel=3)
     infos = [
         PruneInfo(method, sparsity, achieved[s], float(damps[s]), errors[s],
-                  _ratio(errors[s], refs[s]), seconds)
+                  _ratio(errors[s], refs[s]), seconds, out[0].numel(), budget, int(zeros[s]),
+                  spared)
         for s in range(S)]
     return out.reshape(S, *weight.shape).to(weight.dtype), infos
 

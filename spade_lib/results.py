@@ -731,13 +731,24 @@ def _ordered(table: pd.DataFrame, ids: Sequence[int], methods: Sequence[str],
 # Tables
 # --------------------------------------------------------------------------------------------
 
-def _best_per_method(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
-    return metrics.best_of_aggregations(rows, by="method", metric=metric).set_index("method")
+def _best_per_method(rows: pd.DataFrame, metric: str,
+                     methods: Sequence[str] | None = None) -> pd.DataFrame:
+    """:func:`spade_lib.metrics.best_of_aggregations` per method, one row for each of
+    ``methods`` (a method without rows here gets NaN, aggregation ``None`` and zero counts)."""
+    best = metrics.best_of_aggregations(rows, by="method", metric=metric).set_index("method")
+    if methods is None:
+        return best
+    best = best.reindex(list(methods))
+    best[["n", "n_scored"]] = best[["n", "n_scored"]].fillna(0).astype(np.int64)
+    best["aggregation"] = best["aggregation"].astype(object).where(best["best"].notna(), None)
+    return best
 
 
 def _sample_values(rows: pd.DataFrame, metric: str, aggregation: str | None) -> pd.Series:
-    if aggregation is None:
-        return pd.Series(np.nan, index=rows["sample"].to_numpy())
+    """Per-sample scores (indexed by sample) of one aggregation; all NaN when it is ``None``
+    or NaN (no aggregation has a score)."""
+    if aggregation is None or pd.isna(aggregation):
+        return pd.Series(np.nan, index=rows["sample"].to_numpy(), dtype=float)
     return rows.set_index("sample")[f"{metric}_{aggregation}"]
 
 
@@ -752,6 +763,33 @@ def _check_table(results: pd.DataFrame, variants: Sequence[str]) -> None:
         raise ValueError(f"unknown variant(s) {unknown}; the results hold {have}")
 
 
+def _metric_columns(results: pd.DataFrame, metric: str, variant: str, baseline: str,
+                    methods: Sequence[str], scale: float) -> pd.DataFrame:
+    """One metric's columns of :func:`summary` (rows: ``methods`` then ``Average``)."""
+    table = pd.DataFrame(index=pd.Index([*methods, "Average"], name="method"))
+    sides = {name: (results[results["variant"] == name],
+                    _best_per_method(results[results["variant"] == name], metric, methods))
+             for name in (baseline, variant)}
+    values: dict[str, dict[str, pd.Series]] = {baseline: {}, variant: {}}
+    for name, (rows, best) in sides.items():
+        for m in methods:
+            values[name][m] = _sample_values(rows[rows["method"] == m], metric,
+                                             best.loc[m, "aggregation"])
+        table[f"{metric}_{name}"] = scale * pd.concat([best["best"], pd.Series(
+            {"Average": best["best"].mean(skipna=False)})])
+        every = pd.concat(values[name], axis=1).notna().all(axis=1).sum() if methods else 0
+        table[f"{metric}_n_{name}"] = [*best["n_scored"].tolist(), int(every)]
+    diffs = {m: values[variant][m] - values[baseline][m] for m in methods}
+    per_sample = pd.concat(diffs, axis=1).mean(axis=1, skipna=True)
+    table[f"{metric}_delta"] = table[f"{metric}_{variant}"] - table[f"{metric}_{baseline}"]
+    table[f"{metric}_se"] = [scale * _se(diffs[m]) for m in methods] + [scale * _se(per_sample)]
+    chosen = [sides[name][1]["aggregation"] for name in (baseline, variant)]
+    labels = [f"{chosen[0][m]}/{chosen[1][m]}" for m in methods]
+    table[f"{metric}_aggregation"] = pd.Series([*labels, None], index=table.index, dtype=object)
+    order = (baseline, variant, "delta", "se", "aggregation", f"n_{baseline}", f"n_{variant}")
+    return table[[f"{metric}_{c}" for c in order]]
+
+
 def summary(results: pd.DataFrame, variant: str = "spade", baseline: str = "dense",
             percent: bool = True) -> pd.DataFrame:
     """Table B.2: per method, baseline / variant / delta for AUC and Pointing Game, and an average.
@@ -759,10 +797,17 @@ def summary(results: pd.DataFrame, variant: str = "spade", baseline: str = "dens
     Each number is the paper's: the better of the two channel aggregations' means (see
     :func:`spade_lib.metrics.best_of_aggregations`), chosen separately for the baseline and the
     variant of each method; ``*_aggregation`` says which (``"abs/sum"`` = baseline abs, variant
-    sum). ``*_delta`` is the variant's number minus the baseline's, ``*_se`` the standard error of
-    the per-sample difference (each side on its chosen aggregation). The ``Average`` row averages
-    the methods' numbers; its standard error is that of the per-sample mean over methods of the
+    sum; ``"None"`` for a side with no score). ``*_delta`` is the variant's number minus the
+    baseline's, ``*_se`` the standard error of the per-sample difference (each side on its chosen
+    aggregation, over the samples scored on both sides). The ``Average`` row averages the
+    methods' numbers; its standard error is that of the per-sample mean over methods of the
     differences.
+
+    Degenerate scores (NaN: a constant map, e.g. every weight of a layer pruned) are skipped in
+    the means and counted: ``*_n_{baseline}`` and ``*_n_{variant}`` say on how many samples each
+    side has a score. A method with no score on a side keeps its row, with NaN numbers and a count
+    of 0, and makes that side's ``Average`` NaN (an average over fewer methods is not comparable);
+    the ``Average`` counts are the samples scored by every method.
 
     Parameters
     ----------
@@ -777,46 +822,24 @@ def summary(results: pd.DataFrame, variant: str = "spade", baseline: str = "dens
     -------
     pandas.DataFrame
         Indexed by method (plus ``Average``); columns for ``auc`` and ``pointing``: baseline,
-        variant, ``delta``, ``se``, ``aggregation``; then ``n`` (samples) and ``keeps_prediction``
-        (share of samples on which the variant still predicts the Trojan target).
+        variant, ``delta``, ``se``, ``aggregation``, ``n_{baseline}``, ``n_{variant}``; then ``n``
+        (samples of the variant in total) and ``keeps_prediction`` (share of samples on which the
+        variant still predicts the Trojan target).
     """
     _check_table(results, [variant, baseline])
     scale = 100.0 if percent else 1.0
     methods = list(dict.fromkeys(results["method"]))
-    table = pd.DataFrame(index=pd.Index([*methods, "Average"], name="method"))
-    for metric in ("auc", "pointing"):
-        base = _best_per_method(results[results["variant"] == baseline], metric)
-        other = _best_per_method(results[results["variant"] == variant], metric)
-        diffs = {}
-        for m in methods:
-            b_rows = results[(results["variant"] == baseline) & (results["method"] == m)]
-            v_rows = results[(results["variant"] == variant) & (results["method"] == m)]
-            b_agg, v_agg = base.loc[m, "aggregation"], other.loc[m, "aggregation"]
-            diffs[m] = (_sample_values(v_rows, metric, v_agg)
-                        - _sample_values(b_rows, metric, b_agg))
-            table.loc[m, f"{metric}_{baseline}"] = scale * base.loc[m, "best"]
-            table.loc[m, f"{metric}_{variant}"] = scale * other.loc[m, "best"]
-            table.loc[m, f"{metric}_aggregation"] = f"{b_agg}/{v_agg}"
-            table.loc[m, f"{metric}_se"] = scale * _se(diffs[m])
-        table.loc["Average", f"{metric}_{baseline}"] = table.loc[methods,
-                                                                 f"{metric}_{baseline}"].mean()
-        table.loc["Average", f"{metric}_{variant}"] = table.loc[methods,
-                                                                f"{metric}_{variant}"].mean()
-        per_sample = pd.concat(diffs, axis=1).mean(axis=1, skipna=True)
-        table.loc["Average", f"{metric}_se"] = scale * _se(per_sample)
-        table.loc["Average", f"{metric}_aggregation"] = None
-        table[f"{metric}_delta"] = table[f"{metric}_{variant}"] - table[f"{metric}_{baseline}"]
-    order = [f"{metric}_{c}" for metric in ("auc", "pointing")
-             for c in (baseline, variant, "delta", "se", "aggregation")]
-    table = table[order]
+    table = pd.concat([_metric_columns(results, metric, variant, baseline, methods, scale)
+                       for metric in ("auc", "pointing")], axis=1)
     counts = results[results["variant"] == variant].groupby("method", sort=False)["sample"]
-    table["n"] = counts.nunique().reindex(methods).tolist() + [results["sample"].nunique()]
+    table["n"] = counts.nunique().reindex(methods).fillna(0).astype(int).tolist() + [
+        results["sample"].nunique()]
     kept = prediction_kept(results).get(variant, math.nan)
     table["keeps_prediction"] = kept
     table.attrs["description"] = (
         f"{variant} vs {baseline}: best of the signed-sum and abs-sum aggregation means per method "
         f"(the paper's number){' in %' if percent else ''}; delta +- standard error of the "
-        "per-sample difference")
+        "per-sample difference; n_*: samples with a score")
     return table
 
 
@@ -872,23 +895,27 @@ def wins(results: pd.DataFrame, variant: str = "spade", baseline: str = "dense",
     """Per method: on how many samples the variant scores above, equal to and below the baseline.
 
     Each side is scored on the aggregation :func:`summary` takes for it (the better mean), so the
-    counts explain that table's deltas. Samples with a NaN score on either side are left out.
+    counts explain that table's deltas. Samples with a NaN score on either side are not counted:
+    ``n`` is the number compared and ``total`` the method's samples, so a method with no score
+    keeps its row with zero counts.
     """
     if metric not in ("auc", "pointing"):
         raise ValueError(f"unknown metric {metric!r}; allowed: auc, pointing")
     _check_table(results, [variant, baseline])
-    base = _best_per_method(results[results["variant"] == baseline], metric)
-    other = _best_per_method(results[results["variant"] == variant], metric)
+    methods = list(dict.fromkeys(results["method"]))
+    base = _best_per_method(results[results["variant"] == baseline], metric, methods)
+    other = _best_per_method(results[results["variant"] == variant], metric, methods)
     rows = []
-    for m in dict.fromkeys(results["method"]):
+    for m in methods:
         pick = results["method"] == m
         b = _sample_values(results[pick & (results["variant"] == baseline)], metric,
                            base.loc[m, "aggregation"])
         v = _sample_values(results[pick & (results["variant"] == variant)], metric,
                            other.loc[m, "aggregation"])
         d = (v - b).dropna()
+        total = results.loc[pick & results["variant"].isin([baseline, variant]), "sample"]
         rows.append({"method": m, "better": int((d > 0).sum()), "equal": int((d == 0).sum()),
-                     "worse": int((d < 0).sum()), "n": len(d)})
+                     "worse": int((d < 0).sum()), "n": len(d), "total": total.nunique()})
     return pd.DataFrame(rows).set_index("method")
 
 
@@ -901,8 +928,11 @@ def variant_table(results: pd.DataFrame, metric: str = "auc",
                   variants: Sequence[str] | None = None, percent: bool = True) -> pd.DataFrame:
     """Table D.14 layout: the paper's number per method (rows) and variant (columns), averaged.
 
-    Each cell is the better of the two aggregations' means for that method and variant;
-    ``table.attrs["aggregation"]`` holds the same layout with the aggregation taken.
+    Each cell is the better of the two aggregations' means for that method and variant (NaN
+    where no sample has a score; the row is kept). The ``Average`` row is NaN for a variant with
+    a NaN method. ``table.attrs`` holds the same layout with ``"aggregation"`` (the aggregation
+    taken, ``None`` for no score), ``"n"`` (samples with a score; ``Average``: samples scored by
+    every method) and ``"total"`` (samples).
     """
     if metric not in ("auc", "pointing"):
         raise ValueError(f"unknown metric {metric!r}; allowed: auc, pointing")
@@ -911,16 +941,36 @@ def variant_table(results: pd.DataFrame, metric: str = "auc",
     methods = list(dict.fromkeys(results["method"]))
     best = metrics.best_of_aggregations(results[results["variant"].isin(variants)],
                                         by=["method", "variant"], metric=metric)
-    values = best.pivot(index="method", columns="variant", values="best")
-    values = values.reindex(index=methods, columns=variants) * (100.0 if percent else 1.0)
-    values.loc["Average"] = values.mean()
-    labels = best.pivot(index="method", columns="variant", values="aggregation")
+
+    def layout(column: str) -> pd.DataFrame:
+        out = best.pivot(index="method", columns="variant", values=column)
+        return out.reindex(index=methods, columns=variants)
+
+    values = layout("best").astype(float) * (100.0 if percent else 1.0)
+    values.loc["Average"] = values.mean(skipna=False)
     values.columns.name = None
     values.index.name = "method"
-    values.attrs["aggregation"] = labels.reindex(index=methods, columns=variants)
+    labels = layout("aggregation").astype(object)
+    counts = layout("n_scored").fillna(0).astype(np.int64)
+    counts.loc["Average"] = [_scored_by_all(results[results["variant"] == v], metric,
+                                            labels[v]) for v in variants]
+    totals = results.groupby(["method", "variant"], sort=False)["sample"].nunique()
+    totals = totals.unstack().reindex(index=methods, columns=variants).fillna(0).astype(np.int64)
+    totals.loc["Average"] = [results.loc[results["variant"] == v, "sample"].nunique()
+                             for v in variants]
+    values.attrs.update(aggregation=labels.where(labels.notna(), None), n=counts, total=totals)
     values.attrs["description"] = (f"{metric}: best of the signed-sum and abs-sum means per "
                                    f"method and variant{' in %' if percent else ''}")
     return values
+
+
+def _scored_by_all(rows: pd.DataFrame, metric: str, aggregation: pd.Series) -> int:
+    """How many samples of ``rows`` have a score in every method (each on ``aggregation[m]``)."""
+    per_method = {m: _sample_values(rows[rows["method"] == m], metric, aggregation[m])
+                  for m in aggregation.index}
+    if not per_method:
+        return 0
+    return int(pd.concat(per_method, axis=1).notna().all(axis=1).sum())
 
 
 def prediction_kept(results: pd.DataFrame) -> pd.Series:

@@ -312,7 +312,9 @@ def schedule_score(candidates: Candidates, samples: results.Samples,
     """Mean Trojan AUC of a layer schedule over the samples and methods.
 
     Returns ``score`` (by ``aggregation``, see :data:`AGGREGATIONS`), and the plain means
-    ``auc_sum`` and ``auc_abs``.
+    ``auc_sum`` and ``auc_abs``. Each method's mean skips its NaN (degenerate) samples, but a
+    method with no score on any sample makes ``score`` NaN, so such a schedule never wins
+    (:func:`greedy_search`) instead of being scored on the other methods alone.
     """
     images, masks, targets = samples.images(), samples.masks(), samples.targets()
     parts = []
@@ -323,9 +325,9 @@ def schedule_score(candidates: Candidates, samples: results.Samples,
         parts.append(part.assign(sample=i))
     table = pd.concat(parts, ignore_index=True)
     if aggregation == "best":
-        value = metrics.best_of_aggregations(table, by="method")["best"].mean()
+        value = metrics.best_of_aggregations(table, by="method")["best"].mean(skipna=False)
     else:
-        value = table.groupby("method")[f"auc_{aggregation}"].mean().mean()
+        value = table.groupby("method")[f"auc_{aggregation}"].mean().mean(skipna=False)
     return {"score": float(value), "auc_sum": float(table["auc_sum"].mean()),
             "auc_abs": float(table["auc_abs"].mean())}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,8 @@ from tqdm.auto import tqdm
 
 from spade_lib import pruning
 
-__all__ = ["RECIPES", "Trace", "augment", "check_image", "trace", "trace_batch"]
+__all__ = ["RECIPES", "REPORT_COLUMNS", "Trace", "augment", "check_image", "trace",
+           "trace_batch"]
 
 RECIPES = ("default", "convnext")
 
@@ -219,9 +221,14 @@ class Trace:
     model
         The pruned deep copy (eval mode); interpret the sample on it.
     report
-        One row per pruned layer: ``layer``, ``shape``, ``target`` and ``sparsity`` (achieved),
-        ``rel_error`` (``||(W - W_hat) X||^2 / ||W X||^2`` on the augmented batch, from the
-        Hessian), ``damp`` (relative damping used) and ``seconds`` (solver time).
+        One row per pruned layer (:data:`REPORT_COLUMNS`): ``layer``, ``shape``, ``target`` and
+        ``sparsity`` (achieved), ``rel_error`` (``||(W - W_hat) X||^2 / ||W X||^2`` on the
+        augmented batch, from the Hessian), ``damp`` (relative damping used), ``seconds``
+        (solver time), and the flags: ``excess`` (zero weights beyond the rounding of the target,
+        e.g. inputs dead on every augmentation: the layer is above its target), ``spared``
+        (weights kept because rounding may not empty a mask group) and ``empty`` (every weight
+        zero). :func:`trace` warns (:class:`spade_lib.pruning.SparsityTargetWarning`) naming
+        every layer with one of them.
     timings
         Seconds spent in ``augment``, ``hessians``, ``solve`` and ``total`` (per sample).
     """
@@ -287,14 +294,47 @@ def _plan(model: nn.Module, sparsity: pruning.SparsitySpec, pruner: str,
     return {name: s for name, s in targets.items() if s > 0}
 
 
+REPORT_COLUMNS = ("layer", "shape", "target", "sparsity", "rel_error", "damp", "seconds",
+                  "excess", "spared", "empty")
+"""Columns of :attr:`Trace.report`."""
+
+
 def _report(model: nn.Module, targets: dict[str, float],
             infos: dict[str, pruning.PruneInfo]) -> pd.DataFrame:
     modules = dict(model.named_modules())
     rows = [{"layer": name, "shape": tuple(modules[name].weight.shape), "target": targets[name],
              "sparsity": infos[name].sparsity, "rel_error": infos[name].rel_error,
-             "damp": infos[name].damp, "seconds": infos[name].seconds} for name in targets]
-    columns = ["layer", "shape", "target", "sparsity", "rel_error", "damp", "seconds"]
-    return pd.DataFrame(rows, columns=columns)
+             "damp": infos[name].damp, "seconds": infos[name].seconds,
+             "excess": infos[name].excess, "spared": infos[name].spared,
+             "empty": infos[name].empty} for name in targets]
+    return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
+
+
+def _flagged(report: pd.DataFrame) -> list[str]:
+    """One phrase per flagged layer of a report: empty, above target, or kept by rounding."""
+    out = []
+    for row in report.itertuples(index=False):
+        if row.empty:
+            out.append(f"{row.layer} is empty (every weight zero; target {row.target:g})")
+        elif row.excess > 0:
+            out.append(f"{row.layer} is above its target {row.target:g} by {row.excess} "
+                       f"weights beyond rounding (sparsity {row.sparsity:.4f}; dead inputs)")
+        elif row.spared > 0:
+            out.append(f"{row.layer} keeps {row.spared} weights that rounding would remove, so "
+                       f"that no group is emptied (sparsity {row.sparsity:.4f}, target "
+                       f"{row.target:g})")
+    return out
+
+
+def _warn_flagged(reports: Sequence[pd.DataFrame]) -> None:
+    """One :class:`spade_lib.pruning.SparsityTargetWarning` naming the flagged layers."""
+    flags = [(i, f) for i, report in enumerate(reports) for f in _flagged(report)]
+    if not flags:
+        return
+    many = len(reports) > 1
+    text = "; ".join(f"sample {i}: {f}" if many else f for i, f in flags)
+    warnings.warn(f"pruned layers off their target: {text}", pruning.SparsityTargetWarning,
+                  stacklevel=3)
 
 
 @torch.no_grad()
@@ -339,6 +379,17 @@ def trace(
         Show a progress bar over layers.
     **pruner_options
         Passed to :func:`spade_lib.pruning.prune_layer` (``damp``, ``mask_group``, ...).
+
+    Returns
+    -------
+    Trace
+        The pruned copy, its per-layer report and the timings.
+
+    Warns
+    -----
+    spade_lib.pruning.SparsityTargetWarning
+        Naming every layer that is empty, above its target beyond rounding (``excess``) or kept
+        weights so that rounding does not empty a group (``spared``); see :attr:`Trace.report`.
     """
     targets = _plan(model, sparsity, pruner, layers, n_augmentations, augment, batch_size,
                     pruner_options)
@@ -375,7 +426,9 @@ def trace(
         weight.copy_(new)
         clock.stop("solve", t)
     clock.seconds["total"] = time.perf_counter() - begin
-    return Trace(pruned, _report(pruned, targets, infos), dict(clock.seconds))
+    report = _report(pruned, targets, infos)
+    _warn_flagged([report])
+    return Trace(pruned, report, dict(clock.seconds))
 
 
 @torch.no_grad()
@@ -438,5 +491,6 @@ def trace_batch(
         clock.stop("solve", t)
     clock.seconds["total"] = time.perf_counter() - begin
     per_sample = {k: v / samples for k, v in clock.seconds.items()}
-    return [Trace(copies[i], _report(copies[i], targets, infos[i]), dict(per_sample))
-            for i in range(samples)]
+    reports = [_report(copies[i], targets, infos[i]) for i in range(samples)]
+    _warn_flagged(reports)
+    return [Trace(copies[i], reports[i], dict(per_sample)) for i in range(samples)]

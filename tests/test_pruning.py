@@ -289,7 +289,8 @@ def test_sparsity_is_exact_up_to_documented_rounding(sparsity):
     assert int((out == 0).sum()) == total
     wl, hl = random_layer((10, 12), 1)
     out, _ = prune_layer(wl, hl, sparsity, "fastobc", mask_group=1)  # one group per column
-    assert (out == 0).sum(0).tolist() == [math.floor(sparsity * 10 + 0.5)] * 12
+    per_column = min(math.floor(sparsity * 10 + 0.5), 9)             # never a whole group
+    assert (out == 0).sum(0).tolist() == [per_column] * 12
 
 
 def test_default_mask_group_is_the_papers_unless_rows_are_few():

@@ -367,9 +367,9 @@ def test_summary_has_the_table_b2_layout() -> None:
     table = results.summary(_frame())
     assert list(table.index) == ["A", "B", "Average"]
     assert list(table.columns) == [
-        "auc_dense", "auc_spade", "auc_delta", "auc_se", "auc_aggregation",
-        "pointing_dense", "pointing_spade", "pointing_delta", "pointing_se",
-        "pointing_aggregation", "n", "keeps_prediction"]
+        "auc_dense", "auc_spade", "auc_delta", "auc_se", "auc_aggregation", "auc_n_dense",
+        "auc_n_spade", "pointing_dense", "pointing_spade", "pointing_delta", "pointing_se",
+        "pointing_aggregation", "pointing_n_dense", "pointing_n_spade", "n", "keeps_prediction"]
     # A: dense best is abs (0.8), spade best is sum (0.9); per-sample deltas 0.1, 0.2, 0.0
     assert table.loc["A", "auc_dense"] == pytest.approx(80.0)
     assert table.loc["A", "auc_spade"] == pytest.approx(90.0)
@@ -449,9 +449,11 @@ def test_merge_methods_only_merges_equal_scores() -> None:
 def test_wins_count_the_per_sample_differences() -> None:
     table = results.wins(_frame())
     # A: dense abs 0.8 each, spade sum 0.9, 1.0, 0.8 -> better, better, equal
-    assert table.loc["A"].to_dict() == {"better": 2, "equal": 1, "worse": 0, "n": 3}
+    assert table.loc["A"].to_dict() == {"better": 2, "equal": 1, "worse": 0, "n": 3,
+                                        "total": 3}
     # B: dense sum 0.6 each, spade abs 0.7, 0.6, 0.8 -> better, equal, better
-    assert table.loc["B"].to_dict() == {"better": 2, "equal": 1, "worse": 0, "n": 3}
+    assert table.loc["B"].to_dict() == {"better": 2, "equal": 1, "worse": 0, "n": 3,
+                                        "total": 3}
     flipped = results.wins(_frame(), variant="dense", baseline="spade")
     assert flipped.loc["A", "worse"] == 2
     with pytest.raises(ValueError, match="unknown metric"):

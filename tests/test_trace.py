@@ -127,7 +127,7 @@ def test_trace_prunes_a_copy_and_reports_every_layer(model, image):
     report = tr.report.set_index("layer")
     assert list(report.index) == ["conv", "conv2", "fc"]
     assert list(tr.report.columns) == ["layer", "shape", "target", "sparsity", "rel_error",
-                                       "damp", "seconds"]
+                                       "damp", "seconds", "excess", "spared", "empty"]
     modules = dict(tr.model.named_modules())
     for name, row in report.iterrows():
         weight = modules[name].weight
