@@ -306,6 +306,18 @@ def _check_target(target: Any, n: int, num_classes: int, device: torch.device) -
     return t.to(device=device, dtype=torch.long)
 
 
+def _num_classes(model: nn.Module, x: Tensor) -> int:
+    """Number of classes of ``model``: one forward pass on ``x[:1]`` without gradients, in eval
+    mode (each module's flag restored), to check targets before any work."""
+    from spade_lib.pruning import eval_mode
+
+    with eval_mode(model), torch.no_grad():
+        out = model(x[:1].to(_device(model, x.device)))
+    if out.dim() != 2:
+        raise ValueError(f"the model must return logits [N, K], got shape {tuple(out.shape)}")
+    return out.shape[1]
+
+
 def _check_positive_int(options: Mapping[str, Any], *names: str) -> None:
     for name in names:
         value = options[name]
@@ -801,15 +813,16 @@ def _attribute_spade(model: nn.Module, images: Tensor, target: int | Sequence[in
     """SPADE: prune a copy of ``model`` for each image, then attribute on that copy."""
     from spade_lib.trace import trace
 
-    get_method(method).resolve(options)
+    spec = get_method(method)
+    spec.resolve(options)
     x = _check_images(images)
+    if spade is not True and not isinstance(spade, Mapping):
+        raise TypeError(f"spade must be None, False, True or a mapping of trace options, got "
+                        f"{spade!r}")
     kwargs = {} if spade is True else dict(spade)
-    targets = torch.as_tensor(target).flatten()
-    if targets.numel() == 1:
-        targets = targets.expand(x.shape[0])
-    if targets.numel() != x.shape[0]:
-        raise ValueError(f"target must be one class or {x.shape[0]} classes, got "
-                         f"{targets.numel()}")
+    if spec.check is not None:
+        spec.check(model)
+    targets = _check_target(target, x.shape[0], _num_classes(model, x), x.device)
     start = time.perf_counter()
     maps, reports, last = [], [], None
     for i in range(x.shape[0]):

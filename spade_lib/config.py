@@ -200,8 +200,20 @@ def _check_sparsity(value: Any) -> None:
             raise bad(f"value {v!r} is outside [0, 1)")
 
 
+def _check_methods(methods: list[str]) -> None:
+    from spade_lib.attribution import available
+
+    unknown = [m for m in methods if m not in available()]
+    if unknown:
+        raise ValueError(f"config key 'methods': unknown attribution method(s) {unknown}; "
+                         f"allowed: {', '.join(available())}")
+
+
 def from_dict(data: Mapping[str, Any]) -> Config:
     """Build a :class:`Config` from a mapping, validating every key and value first."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"config must be a mapping of config keys to values, got "
+                        f"{type(data).__name__}")
     hints = typing.get_type_hints(Config)
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
@@ -222,7 +234,7 @@ def from_dict(data: Mapping[str, Any]) -> Config:
         meta = FIELDS[key].metadata
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             lo, hi = meta.get("min"), meta.get("max")
-            if (lo is not None and value < lo) or (hi is not None and value > hi):
+            if (lo is not None and not value >= lo) or (hi is not None and not value <= hi):
                 raise ValueError(
                     f"config key {key!r} has value {value!r}; allowed range: "
                     f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
@@ -230,6 +242,8 @@ def from_dict(data: Mapping[str, Any]) -> Config:
         clean[key] = value
     if "sparsity" in clean:
         _check_sparsity(clean["sparsity"])
+    if "methods" in clean:
+        _check_methods(clean["methods"])
     return Config(**clean)
 
 
@@ -239,6 +253,9 @@ def preset_names() -> list[str]:
 
 
 def _preset_path(preset: str | os.PathLike) -> Path:
+    if not isinstance(preset, str | os.PathLike):
+        raise TypeError(f"preset must be a preset name ({', '.join(preset_names())}) or a path "
+                        f"to a YAML file, got {preset!r}")
     path = Path(preset)
     if path.suffix not in (".yaml", ".yml"):
         path = PARAMS_DIR / f"{preset}.yaml"
@@ -294,5 +311,8 @@ def from_namespace(preset: str, namespace: Mapping[str, Any]) -> Config:
     Used in notebooks right after the papermill parameters cell: ``cfg =
     from_namespace(preset, globals())``, so ``-p epochs 2`` or ``-f params/cpu.yaml`` both work.
     """
+    if not isinstance(namespace, Mapping):
+        raise TypeError(f"namespace must be a mapping such as globals(), got "
+                        f"{type(namespace).__name__}")
     overrides = {k: namespace[k] for k in FIELDS if namespace.get(k) is not None}
     return load(preset, **overrides)

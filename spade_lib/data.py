@@ -1028,6 +1028,9 @@ def celeba(
             "(mmlab.ie.cuhk.edu.hk/projects/CelebA.html)"
         )
     lines = needed[1].read_text().splitlines()
+    if len(lines) < 2 or not lines[1].split():
+        raise ValueError(f"{needed[1]} is not a CelebA attribute list: expected a count line, a "
+                         f"line of attribute names, then one 'file v1 ... v40' row per image")
     attr_names = lines[1].split()
     rows = {}
     for line in lines[2:]:
@@ -1051,6 +1054,9 @@ def celeba(
             raise FileNotFoundError(f"{needed[2]} lists {parts[0]}, but {path} does not exist")
         files.append(path)
         targets.append(rows[parts[0]])
+    if not files:
+        raise FileNotFoundError(f"no CelebA {split} images: {needed[2]} lists none with partition "
+                                f"{wanted} (0 train, 1 val, 2 test)")
     target_tensor = torch.tensor(targets, dtype=torch.int64).reshape(-1, len(attr_names))
     return CelebA(files, target_tensor, attr_names, image_size, transform)
 

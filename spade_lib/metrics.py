@@ -372,10 +372,15 @@ def insertion_deletion_curves(
     blur_sigma
         Blur width in pixels; default ``max(1, side / 45)`` (Petsiuk's 5 px at 224 px).
     """
+    for name, value in (("image", image), ("saliency_2d", saliency_2d)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     x = image[0] if image.dim() == 4 and image.shape[0] == 1 else image
     s = saliency_2d[0] if saliency_2d.dim() == 3 and saliency_2d.shape[0] == 1 else saliency_2d
     if x.dim() != 3:
         raise ValueError(f"image must be [C, H, W], got {tuple(image.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"image must be a float tensor, got {x.dtype}")
     if s.shape != x.shape[1:]:
         raise ValueError(f"saliency map shape {tuple(saliency_2d.shape)} does not match the "
                          f"image's {tuple(x.shape[1:])}")

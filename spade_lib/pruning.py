@@ -758,6 +758,9 @@ def select_layers(model: nn.Module, patterns: str | Sequence[str]) -> list[str]:
     if isinstance(patterns, str):
         patterns = [patterns]
     valid = prunable_layers(model)
+    if not isinstance(patterns, Iterable) or not (patterns := list(patterns)):
+        raise ValueError(f"layers must be a name or pattern, or a non-empty sequence of them, got "
+                         f"{patterns!r}; valid layers: {', '.join(valid)}")
     for p in patterns:
         if not isinstance(p, str) or not fnmatch.filter(valid, p):
             raise ValueError(f"layer pattern {p!r} matches no Conv2d (groups=1) or Linear layer; "
@@ -845,7 +848,8 @@ def resolve_sparsity(
         def covers(key: str, name: str) -> bool:
             return name == key or name.startswith(key + ".")
 
-        unknown = [k for k in spec if not any(covers(k, name) for name in layers)]
+        unknown = [k for k in spec if not isinstance(k, str)
+                   or not any(covers(k, name) for name in layers)]
         if unknown:
             raise ValueError(f"unknown layer(s) in sparsity dict: {', '.join(map(repr, unknown))}; "
                              f"keys are layer names or block prefixes of: {', '.join(layers)}")

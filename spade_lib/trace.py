@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -144,17 +145,23 @@ def _erase_boxes(n: int, height: int, width: int, gen: torch.Generator | None,
     return torch.stack([top, left, h, w], 1)
 
 
-def check_image(image: Any) -> Tensor:
-    """Check an image is ``[3, H, W]`` or ``[1, 3, H, W]`` and finite; return ``[3, H, W]``."""
+def check_image(image: Any, dtype: torch.dtype | None = None) -> Tensor:
+    """Check an image is ``[3, H, W]`` or ``[1, 3, H, W]`` and finite; return ``[3, H, W]``.
+
+    ``dtype``: the model's floating dtype, which the image must then have.
+    """
     if not isinstance(image, Tensor):
         raise ValueError(f"image must be a torch.Tensor, got {type(image).__name__}")
     if image.dim() == 4 and image.shape[0] == 1:
         image = image[0]
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"image must have shape [3, H, W] or [1, 3, H, W], got "
+    if image.dim() != 3 or image.shape[0] != 3 or image.numel() == 0:
+        raise ValueError(f"image must have shape [3, H, W] or [1, 3, H, W] with H, W >= 1, got "
                          f"{list(image.shape)}")
     if not image.is_floating_point():
         raise ValueError(f"image must be a float tensor with values in [0, 1], got {image.dtype}")
+    if dtype is not None and image.dtype != dtype:
+        raise ValueError(f"image dtype {image.dtype} differs from the model's {dtype}; allowed: "
+                         f"{dtype} (convert with image.to({dtype}))")
     if not torch.isfinite(image).all():
         raise ValueError("image contains NaN or inf values")
     return image
@@ -276,9 +283,14 @@ def _device(model: nn.Module) -> torch.device:
         raise ValueError("model has no parameters to prune") from None
 
 
+def _dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (what its inputs must have)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 def _plan(model: nn.Module, sparsity: pruning.SparsitySpec, pruner: str,
           layers: Sequence[str] | str | None, n_augmentations: int, augment_recipe: str,
-          batch_size: int, options: dict[str, Any]) -> dict[str, float]:
+          batch_size: int, seed: int, options: dict[str, Any]) -> dict[str, float]:
     """Validate everything before work starts; returns the layers to prune and their targets."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -289,6 +301,8 @@ def _plan(model: nn.Module, sparsity: pruning.SparsitySpec, pruner: str,
     for name, value in (("n_augmentations", n_augmentations), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an int, got {seed!r}")
     chosen = None if layers is None else pruning.select_layers(model, layers)
     targets = pruning.resolve_sparsity(model, sparsity, chosen)
     return {name: s for name, s in targets.items() if s > 0}
@@ -391,9 +405,9 @@ def trace(
         Naming every layer that is empty, above its target beyond rounding (``excess``) or kept
         weights so that rounding does not empty a group (``spared``); see :attr:`Trace.report`.
     """
-    targets = _plan(model, sparsity, pruner, layers, n_augmentations, augment, batch_size,
+    targets = _plan(model, sparsity, pruner, layers, n_augmentations, augment, batch_size, seed,
                     pruner_options)
-    image = check_image(image)
+    image = check_image(image, _dtype(model))
     device = _device(model)
     image = image.to(device)
     clock = _Clock(device)
@@ -452,14 +466,14 @@ def trace_batch(
     layer is then solved for all samples together (batched Cholesky and column sweep), which
     raises throughput where the solver is bound by per-step overhead. Timings are per sample.
     """
-    targets = _plan(model, sparsity, pruner, layers, n_augmentations, augment, batch_size,
+    targets = _plan(model, sparsity, pruner, layers, n_augmentations, augment, batch_size, seed,
                     pruner_options)
-    if not isinstance(images, Tensor) or images.dim() != 4:
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] == 0:
         shape = list(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images must be a [S, 3, H, W] tensor, got {shape}")
+        raise ValueError(f"images must be a [S, 3, H, W] tensor with S >= 1, got {shape}")
     for i, img in enumerate(images):
         try:
-            check_image(img)
+            check_image(img, _dtype(model))
         except ValueError as e:
             raise ValueError(f"images[{i}]: {e}") from None
     device = _device(model)
