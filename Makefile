@@ -34,8 +34,10 @@ chromium:
 	@command -v chromium >/dev/null || { $(MAKE) apt-update && \
 	  $(SUDO) apt-get install -y -qq chromium; }
 
+# The book's numbers are computed under pinned numerical settings (AVX2 kernels, 2 threads;
+# spade_lib/reproducibility.py), so they do not depend on this machine's processor.
 book: setup
-	$(BIN)/jupyter-book build book/
+	$(BIN)/python -m spade_lib.reproducibility $(BIN)/jupyter-book build book/
 	@echo "The book is in book/_build/html/index.html"
 
 lint: setup

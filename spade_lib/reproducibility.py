@@ -111,3 +111,18 @@ def run_pinned(module: str, args: Sequence[str], echo: bool = True) -> None:
     if proc.wait() != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n"
                            + tail.decode(errors="replace"))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m spade_lib.reproducibility COMMAND ...``: run a command under the pinned
+    settings (``make book`` builds the book this way, so its evaluations are pinned too)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(main.__doc__)
+        print("pinned:", " ".join(f"{k}={v}" for k, v in PINNED.items()))
+        return
+    os.execvpe(argv[0], argv, pinned_env())
+
+
+if __name__ == "__main__":
+    main()

@@ -18,13 +18,11 @@ the Table B.2 layout (Dense / SPADE / delta per method, with an average row) and
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
-import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,12 +31,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from spade_lib import attribution, data, metrics, pruning
+from spade_lib import attribution, data, metrics, pruning, reproducibility
 from spade_lib.config import Config
+from spade_lib.files import atomic_write
+from spade_lib.models import fingerprint as model_fingerprint
 from spade_lib.trace import trace
 
 __all__ = [
@@ -515,6 +516,10 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
 # Store
 # --------------------------------------------------------------------------------------------
 
+class DamagedResultWarning(UserWarning):
+    """A file of a result store could not be read; it is set aside and its sample recomputed."""
+
+
 class ResultStore:
     """A folder of per-sample result files, each written atomically.
 
@@ -536,27 +541,31 @@ class ResultStore:
         return self.path / f"sample-{int(sample):07d}.parquet"
 
     def done(self) -> set[int]:
-        """Ids of the samples whose file exists."""
+        """Ids of the samples whose file exists and is a whole Parquet file.
+
+        A damaged file (truncated, say, by a disk that filled up or a copy that broke off) is
+        not counted: a :class:`DamagedResultWarning` names it, and it is moved aside to a hidden
+        ``.damaged`` file so that the sample is computed again and no half row is ever read.
+        """
         if not self.path.is_dir():
             return set()
-        return {int(p.stem.split("-")[1]) for p in self.path.glob("sample-*.parquet")}
-
-    def _atomic(self, target: Path, write: Any) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.path / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(tmp, "wb") as fh:
-                write(fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        ids = set()
+        for path in sorted(self.path.glob("sample-*.parquet")):
+            try:
+                pq.read_metadata(path)
+            except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                aside = path.with_name(f".{path.name}.damaged")
+                os.replace(path, aside)
+                warnings.warn(f"result file {str(path)!r} is damaged ({e}); moved to "
+                              f"{aside.name!r}, the sample will be computed again",
+                              DamagedResultWarning, stacklevel=2)
+                continue
+            ids.add(int(path.stem.split("-")[1]))
+        return ids
 
     def write(self, sample: int, rows: pd.DataFrame) -> None:
         """Save the rows of one sample (atomically replacing any earlier file)."""
-        self._atomic(self.file(sample), lambda fh: rows.to_parquet(fh, index=False))
+        atomic_write(self.file(sample), lambda fh: rows.to_parquet(fh, index=False))
 
     def read(self, samples: Sequence[int] | None = None) -> pd.DataFrame:
         """Rows of the given samples (all finished ones if ``None``), in that order."""
@@ -572,22 +581,20 @@ class ResultStore:
     def write_meta(self, meta: Mapping[str, Any]) -> None:
         """Save ``meta.json`` (atomically)."""
         blob = json.dumps(meta, indent=1, sort_keys=True, default=str).encode()
-        self._atomic(self.path / "meta.json", lambda fh: fh.write(blob))
+        atomic_write(self.path / "meta.json", lambda fh: fh.write(blob))
 
     def read_meta(self) -> dict[str, Any] | None:
-        """The saved ``meta.json``, or ``None``."""
+        """The saved ``meta.json``, or ``None`` if there is none or it is damaged (then a
+        :class:`DamagedResultWarning` says so, and the runner writes it anew)."""
         path = self.path / "meta.json"
-        return json.loads(path.read_text()) if path.exists() else None
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """Short hash of a model's parameters and buffers (names, dtypes, shapes and values)."""
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:12]
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            warnings.warn(f"{str(path)!r} is damaged ({e}); it will be written again",
+                          DamagedResultWarning, stacklevel=2)
+            return None
 
 
 def results_key(cfg: Config, model: nn.Module, methods: Sequence[str],
@@ -694,7 +701,8 @@ def evaluate(
             target.write_meta({"key": key, "config": cfg.to_dict(), "methods": methods,
                                "variants": [v.describe() for v in chosen],
                                "method_options": method_options or {},
-                               "model": model_fingerprint(model)})
+                               "model": model_fingerprint(model),
+                               "numerics": reproducibility.settings()})
     done = target.done() if target is not None else set()
     ids = samples.ids
     fresh: dict[int, pd.DataFrame] = {}

@@ -21,7 +21,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 
 from spade_lib import metrics, pruning, results, trojan
 from spade_lib.config import Config
+from spade_lib.files import atomic_write
 from spade_lib.trace import augment
 
 __all__ = [
@@ -490,9 +490,8 @@ def search_sparsity(
          "samples": samples.ids, "rules": [r.name for r in samples.poisoned.rules],
          "solves": candidates.solves})
     if store:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(result.to_dict(), indent=1, default=str))
-        os.replace(tmp, path)
+        blob = json.dumps(result.to_dict(), indent=1, default=str).encode()
+        atomic_write(path, lambda fh: fh.write(blob))
     return result
 
 

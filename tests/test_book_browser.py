@@ -36,9 +36,18 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = subprocess.run([str(jb), "build", str(ROOT / "book"), "--path-output", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (out / "build.log").write_text(proc.stdout + proc.stderr)
     html = out / "_build" / "html"
     assert (html / "index.html").exists()
     return html
+
+
+def test_book_builds_without_sphinx_warnings(site: Path) -> None:
+    """A warning is a broken cross-reference, a duplicate label or a missing file in the making
+    (one existed: chapter B's label 'search' collided with the site's search page)."""
+    log = (site.parent.parent / "build.log").read_text()
+    warnings = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
+    assert not warnings, "\n".join(warnings)
 
 
 @pytest.fixture(scope="module")

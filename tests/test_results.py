@@ -305,6 +305,30 @@ def test_a_failed_write_leaves_no_file(cfg, model, samples, monkeypatch) -> None
     pd.testing.assert_frame_equal(store.read([3]), rows)
 
 
+def test_a_damaged_result_file_is_recomputed_not_read(cfg, model, samples,
+                                                      monkeypatch) -> None:
+    first = _run(cfg, model, samples, variants=("dense",))
+    store = results.ResultStore(cfg.cache_path("results", first["config_hash"][0]))
+    whole = store.file(100).read_bytes()
+    store.file(100).write_bytes(whole[: len(whole) // 2])      # a copy that broke off
+    (store.path / "meta.json").write_text('{"key": ')           # and a truncated meta
+    real, computed = results.run_sample, []
+
+    def counting(cfg_, model_, samples_, position, *args, **kwargs):
+        computed.append(samples_.ids[position])
+        return real(cfg_, model_, samples_, position, *args, **kwargs)
+
+    monkeypatch.setattr(results, "run_sample", counting)
+    with pytest.warns(results.DamagedResultWarning) as seen:
+        again = _run(cfg, model, samples, variants=("dense",))
+    messages = " ".join(str(w.message) for w in seen)
+    assert "sample-0000100.parquet" in messages and "meta.json" in messages
+    assert computed == [100]
+    pd.testing.assert_frame_equal(again.drop(columns=SECONDS), first.drop(columns=SECONDS))
+    assert store.done() == {3, 100, 500} and store.read_meta()["key"] == first["config_hash"][0]
+    assert store.read_meta()["numerics"]["torch_threads"] >= 1
+
+
 def test_store_key_changes_with_what_matters(cfg, model, samples) -> None:
     v = results.resolve_variants(cfg, model, ("dense", "spade"))
     key = results.results_key(cfg, model, ["Saliency"], v)
