@@ -1,0 +1,78 @@
+"""Preconditions of the user's network: each case below used to give a wrong or empty map
+silently. LRP's BatchNorm merge is an identity."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from zennit.canonizers import CompositeCanonizer
+
+from spade_lib.attribution import (
+    lrp_canonizers,
+)
+from spade_lib.models import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+U = 2.0 ** -24
+"""float32 unit roundoff."""
+
+
+def _images(n: int = 1, side: int = 12, seed: int = 0) -> torch.Tensor:
+    """Smooth colour images in [0, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 4, 4, generator=gen)
+    return F.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
+
+
+def _shifted_resnet(eps: float = 1e-5) -> nn.Module:
+    """A random ResNet-20 (width 4) with BatchNorm statistics and shifts of a trained one, so its
+    logits are no longer a homogeneous function of the input."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", width=4, image_size=16).eval()
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = eps
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=gen))
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(0.1 * torch.randn(m.num_features, generator=gen))
+    model.fc.weight.data.mul_(10.0)
+    return model
+
+
+def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    after = model.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. LRP's BatchNorm merge
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-3, 0.1])
+def test_merged_batch_norm_keeps_the_logits(eps: float) -> None:
+    """The canonized network computes the model's logits up to float32 rounding: a few (4) unit
+    roundoffs per leaf module, times the logits' magnitude."""
+    model = _shifted_resnet(eps)
+    x = _images(2, side=16, seed=3)
+    with torch.no_grad():
+        reference = model(x)
+        work = copy.deepcopy(model)
+        instances = CompositeCanonizer(lrp_canonizers()).apply(work)
+        canonized = work(x)
+    for instance in instances:
+        instance.remove()
+    depth = sum(1 for m in model.modules() if next(m.children(), None) is None)
+    atol = 4 * depth * U * float(reference.abs().max())
+    torch.testing.assert_close(canonized, reference, atol=atol, rtol=0)
+    assert _unchanged(model, _params(work))  # zennit's remove restores every parameter
