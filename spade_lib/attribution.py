@@ -24,8 +24,10 @@ Choices (defaults; every one is an option of :func:`attribute`):
   Gauss-Legendre steps.
 - GuidedGradCam uses the output of the last convolutional stage (:func:`default_cam_layer`),
   upsampled by nearest neighbour (Captum's default), or any module named by ``layer=``.
-- Lime: SLIC superpixels (``n_segments=50``, ``compactness=10``) from scikit-image, 200 samples,
-  switched-off superpixels set to 0, Captum's Lasso (``alpha=0.01``) and similarity kernel.
+- Lime: SLIC superpixels (``n_segments=50``, ``compactness=10``) from scikit-image, or a grid of
+  about as many cells where SLIC returns fewer than a quarter of them (:func:`grid_segments`),
+  200 samples, switched-off superpixels set to 0, Captum's Lasso (``alpha=0.01``) and similarity
+  kernel.
 - Occlusion: a black square of side ``max(2, side // 8)`` over all channels, stride half of it
   (4 and 2 at 32 px, 28 and 14 at 224 px). Occlusion and IntegratedGradients run about
   :data:`IMAGES_PER_PASS` images per forward pass (options ``perturbations_per_eval`` and
@@ -611,6 +613,35 @@ def superpixels(image: Tensor, n_segments: int, compactness: float) -> Tensor:
     return torch.as_tensor(labels, dtype=torch.long)
 
 
+def grid_segments(height: int, width: int, n_segments: int) -> Tensor:
+    """Labels ``[H, W]`` (int64, from 0) of a grid of about ``n_segments`` near-square cells.
+
+    ``rows = round(sqrt(n H / W))`` and ``cols = round(n / rows)``, each clipped to
+    ``[1, side]``; cell ``(r, c)`` has label ``r * cols + c``.
+    """
+    rows = min(height, max(1, round(math.sqrt(n_segments * height / width))))
+    cols = min(width, max(1, round(n_segments / rows)))
+    r = torch.arange(height) * rows // height
+    c = torch.arange(width) * cols // width
+    return r[:, None] * cols + c[None, :]
+
+
+def _lime_segments(image: Tensor, n_segments: int, compactness: float) -> tuple[Tensor, str]:
+    """Lime's features of one image ``[C, H, W]``: SLIC superpixels, or a grid where SLIC
+    collapses.
+
+    SLIC seeds a grid of about ``n_segments`` cells; on images with structure it returns about
+    half to one and a half times that many superpixels. Fewer than a quarter (at least 2) means its
+    clusters merged (noise at a few pixels per cell returns a single superpixel, and Lime's map is
+    then flat): :func:`grid_segments` is used instead. Returns the labels ``[H, W]`` and ``"slic"``
+    or ``"grid"``.
+    """
+    labels = superpixels(image, n_segments, compactness)
+    if int(labels.max()) + 1 >= max(2, math.ceil(n_segments / 4)):
+        return labels, "slic"
+    return grid_segments(image.shape[1], image.shape[2], n_segments), "grid"
+
+
 @register("Lime", "perturbation", "Switches random sets of superpixels off, fits a sparse linear "
           "model of the class score on which superpixels were kept, and reads each superpixel's "
           "importance from its weight.", seeded=True,
@@ -625,17 +656,19 @@ def _lime(model: nn.Module, x: Tensor, t: Tensor, o: dict[str, Any]) -> tuple[Te
         raise ValueError(f"option alpha (the Lasso penalty) must be a number >= 0, got "
                          f"{o['alpha']!r}")
     lime = Lime(model, interpretable_model=SkLearnLasso(alpha=float(o["alpha"])))
-    maps, counts = [], []
+    maps, counts, kinds = [], [], []
     for i in range(x.shape[0]):
-        labels = superpixels(x[i], int(o["n_segments"]), float(o["compactness"])).to(x.device)
+        labels, kind = _lime_segments(x[i], int(o["n_segments"]), float(o["compactness"]))
+        labels = labels.to(x.device)
         counts.append(int(labels.max()) + 1)
+        kinds.append(kind)
         mask = labels[None, None].expand(1, x.shape[1], -1, -1)
         with _seeded(int(o["seed"]), x.device):
             maps.append(lime.attribute(
                 x[i:i + 1], target=int(t[i]), feature_mask=mask, baselines=float(o["baseline"]),
                 n_samples=int(o["n_samples"]),
                 perturbations_per_eval=int(o["perturbations_per_eval"])))
-    return torch.cat(maps), {"n_superpixels": counts}
+    return torch.cat(maps), {"n_superpixels": counts, "segmentation": kinds}
 
 
 # --------------------------------------------------------------------------------------------

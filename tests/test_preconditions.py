@@ -1,9 +1,11 @@
 """Preconditions of the user's network: each case below used to give a wrong or empty map
-silently. LRP's BatchNorm merge is an identity."""
+silently. LRP's BatchNorm merge is an identity, and Lime falls back to a grid where SLIC returns
+one superpixel."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from torch import nn
 from zennit.canonizers import CompositeCanonizer
 
 from spade_lib.attribution import (
+    attribute,
+    grid_segments,
     lrp_canonizers,
 )
 from spade_lib.models import build_model
@@ -76,3 +80,31 @@ def test_merged_batch_norm_keeps_the_logits(eps: float) -> None:
     atol = 4 * depth * U * float(reference.abs().max())
     torch.testing.assert_close(canonized, reference, atol=atol, rtol=0)
     assert _unchanged(model, _params(work))  # zennit's remove restores every parameter
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Lime on tiny noisy images
+# --------------------------------------------------------------------------------------------
+
+def test_lime_falls_back_to_a_grid_on_noise(model: nn.Module) -> None:
+    noise = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    # a weak Lasso: alpha=0.01 zeroes this random network's small effects (about 0.01) anyway
+    attr = attribute(model, noise, 1, "Lime", n_samples=40, n_segments=12, alpha=1e-4)
+    assert attr.map.unique().numel() > 1  # SLIC's single superpixel gave a constant map
+    assert attr.info["segmentation"] == ["grid"] and attr.info["n_superpixels"] == [12]
+    labels = grid_segments(16, 16, 12)
+    for k in range(12):
+        assert attr.map[0, 0][labels == k].unique().numel() == 1
+    smooth = attribute(model, _images(1, side=16, seed=4), 1, "Lime", n_samples=40,
+                       n_segments=12)
+    assert smooth.info["segmentation"] == ["slic"]
+
+
+def test_grid_segments() -> None:
+    labels = grid_segments(12, 12, 50)
+    assert labels.shape == (12, 12) and int(labels.max()) + 1 == 49  # 7 x 7 cells
+    assert torch.equal(labels.unique(), torch.arange(49))
+    wide = grid_segments(4, 16, 8)
+    assert int(wide.max()) + 1 == 8 and wide[:, :2].unique().numel() == 1  # 2 x 4, 2x4-px cells
+    assert int(grid_segments(3, 3, 50).max()) + 1 == 9  # at most one cell per pixel
+    assert math.isclose(float(grid_segments(10, 20, 1).max()), 0.0)
