@@ -93,7 +93,9 @@ class Method:
     fn
         ``fn(model, images, targets, options) -> (map [N, C, H, W], info)``.
     check
-        Optional test of the network, run before any work (raises ``ValueError``).
+        Optional test of the network, ``check(model, images)``, run before any work (raises
+        ``ValueError``); ``images`` ``[N, C, H, W]`` (on the model's device) lets it run one
+        forward pass on a private copy, ``None`` restricts it to the modules' types.
     """
 
     name: str
@@ -103,7 +105,7 @@ class Method:
     defaults: Mapping[str, Any]
     seeded: bool
     fn: MethodFn
-    check: Callable[[nn.Module], None] | None = None
+    check: Callable[[nn.Module, Tensor | None], None] | None = None
 
     def resolve(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """The defaults updated with ``options``; an unknown option name is a ``ValueError``."""
@@ -119,7 +121,8 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, group: str, description: str, library: str = "captum",
-             seeded: bool = False, check: Callable[[nn.Module], None] | None = None,
+             seeded: bool = False,
+             check: Callable[[nn.Module, Tensor | None], None] | None = None,
              **defaults: Any) -> Callable[[MethodFn], MethodFn]:
     """Decorator that adds a method function to the registry under ``name``.
 
@@ -157,11 +160,14 @@ def available() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def supported_methods(model: nn.Module, methods: Sequence[str] | None = None) -> list[str]:
+def supported_methods(model: nn.Module, methods: Sequence[str] | None = None,
+                      images: Tensor | None = None) -> list[str]:
     """The methods (default :data:`METHODS`) whose network check accepts ``model``.
 
-    Only LRP has such a check so far: it needs a network of plain ReLUs (the paper leaves it out
-    for MobileNetV2 and ConvNeXt).
+    Without ``images`` only the module types are checked: LRP needs a network of plain ReLUs (the
+    paper leaves it out for MobileNetV2 and ConvNeXt). With ``images`` ``[N, C, H, W]`` one
+    forward pass also finds functional activations (refused by DeepLift and the guided methods),
+    reused activation modules (DeepLift) and residual additions LRP cannot canonize.
     """
     names = list(METHODS if methods is None else methods)
     out = []
@@ -171,7 +177,7 @@ def supported_methods(model: nn.Module, methods: Sequence[str] | None = None) ->
             out.append(name)
             continue
         try:
-            check(model)
+            check(model, images)
         except ValueError:
             continue
         out.append(name)
@@ -323,6 +329,150 @@ _CAPTUM_NOTICES = ("Setting .*hooks", "Input Tensor .* did not already require",
 
 
 # --------------------------------------------------------------------------------------------
+# Preconditions: what one forward pass shows of the network
+# --------------------------------------------------------------------------------------------
+
+_ACTIVATION_FUNCTIONS = frozenset({
+    "relu", "relu_", "relu6", "elu", "elu_", "selu", "selu_", "celu", "celu_", "leaky_relu",
+    "leaky_relu_", "prelu", "rrelu", "rrelu_", "gelu", "silu", "mish", "sigmoid", "sigmoid_",
+    "tanh", "tanh_", "softplus", "softsign", "hardtanh", "hardtanh_", "hardswish",
+    "hardsigmoid", "logsigmoid", "threshold", "threshold_", "glu",
+})
+"""Names of the torch functions (``torch.relu``, ``F.relu``, ``Tensor.relu``, ...) that apply an
+activation; a call outside an activation module is a functional activation."""
+
+_BRANCH_OPS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__",
+                         "sub", "sub_", "__sub__", "__rsub__", "__isub__"})
+"""Element-wise additions and subtractions: with two input-dependent operands, a merge of two
+branches (a residual connection)."""
+
+
+@dataclass
+class _Census:
+    """What one forward pass ran.
+
+    Attributes
+    ----------
+    calls
+        Module name -> number of times the module ran.
+    functional
+        ``(function, module name)`` of every activation function applied outside an activation
+        module (a class of ``torch.nn.modules.activation``), with the module that called it.
+    additions
+        Name of the module whose own forward added or subtracted two tensors that both depend
+        on the input, once per such operation.
+    """
+
+    calls: dict[str, int] = field(default_factory=dict)
+    functional: list[tuple[str, str]] = field(default_factory=list)
+    additions: list[str] = field(default_factory=list)
+
+
+def _is_activation(module: nn.Module) -> bool:
+    return type(module).__module__ == "torch.nn.modules.activation"
+
+
+class _Recorder(torch.overrides.TorchFunctionMode):
+    """Records activation functions and branch merges with the innermost running module."""
+
+    def __init__(self, census: _Census, stack: list[tuple[str, nn.Module]]) -> None:
+        super().__init__()
+        self.census, self.stack = census, stack
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        name = getattr(func, "__name__", "")
+        where, module = self.stack[-1] if self.stack else ("", None)
+        if name in _ACTIVATION_FUNCTIONS and not _is_activation(module):
+            self.census.functional.append((name, where))
+        elif name in _BRANCH_OPS and sum(isinstance(a, Tensor) and a.requires_grad
+                                         for a in args[:2]) == 2:
+            self.census.additions.append(where)
+        return func(*args, **(kwargs or {}))
+
+
+def _census(model: nn.Module, images: Tensor, canonizers: list[Any] | None = None) -> _Census:
+    """Run a private copy of ``model`` once on ``images`` ``[N, C, H, W]`` and record what ran.
+
+    In the pass only the input requires grad (the copy's parameters are frozen), so an addition
+    of two tensors that both require it merges two branches computed from the input.
+    ``canonizers`` (zennit's) are applied to the copy first. ``model`` is not changed.
+    """
+    from zennit.canonizers import CompositeCanonizer
+
+    work = _private_copy(model)
+    census, stack = _Census(), []
+
+    def enter(name: str, module: nn.Module) -> None:
+        census.calls[name] = census.calls.get(name, 0) + 1
+        stack.append((name, module))
+
+    def leave(module: nn.Module, inputs: Any, output: Any) -> None:
+        stack.pop()
+
+    handles = [h for name, module in work.named_modules() for h in (
+        module.register_forward_pre_hook(lambda m, i, name=name: enter(name, m)),
+        module.register_forward_hook(leave))]
+    instances = CompositeCanonizer(canonizers).apply(work) if canonizers else []
+    x = images.detach().to(_device(work, images.device)).requires_grad_(True).clone()
+    try:
+        with torch.enable_grad(), _Recorder(census, stack):
+            work(x)
+    finally:
+        for handle in [*handles, *instances]:
+            handle.remove()
+    return census
+
+
+def _where(name: str) -> str:
+    return f"module {name!r}" if name else "the model's own forward"
+
+
+def _refuse_functional(method: str, census: _Census, functions: Sequence[str] | None,
+                       why: str, allowed: str) -> None:
+    """``ValueError`` naming the first activation function called outside an activation module
+    (only ``functions`` when given)."""
+    calls = [(f, w) for f, w in census.functional if functions is None or f in functions]
+    if calls:
+        (function, where), n = calls[0], len(calls)
+        raise ValueError(f"{method} cannot run on this model: it applies the activation function "
+                         f"{function} outside an activation module ({n} such call(s), the first "
+                         f"in {_where(where)}); {why}. Allowed: {allowed}.")
+
+
+def _deeplift_check(model: nn.Module, images: Tensor | None) -> None:
+    """DeepLift needs every non-linearity Captum handles as a module that runs once per pass."""
+    from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
+
+    if images is None:
+        return
+    census = _census(model, images)
+    _refuse_functional("DeepLift", census, None,
+                       "Captum's DeepLift applies its rule only to activation modules, so the "
+                       "map would not sum to f(x) - f(baseline)",
+                       "activations as modules (nn.ReLU(), ...) attributes of the model")
+    modules = dict(model.named_modules())
+    for name, count in census.calls.items():
+        if count > 1 and isinstance(modules[name], tuple(SUPPORTED_NON_LINEAR)):
+            raise ValueError(f"DeepLift cannot run on this model: {_where(name)} "
+                             f"({type(modules[name]).__name__}) runs {count} times in one forward "
+                             f"pass, and Captum's DeepLift keeps one input and output per "
+                             f"activation module. Allowed: one activation module per use.")
+
+
+def _guided_check(method: str) -> Callable[[nn.Module, Tensor | None], None]:
+    """The guided methods' check: no ReLU applied outside an ``nn.ReLU`` module."""
+
+    def check(model: nn.Module, images: Tensor | None) -> None:
+        if images is not None:
+            _refuse_functional(method, _census(model, images), ("relu", "relu_"),
+                               "Captum guides only nn.ReLU modules, so that ReLU would pass "
+                               "plain gradients", "ReLUs as nn.ReLU() attributes of the model")
+
+    return check
+
+
+# --------------------------------------------------------------------------------------------
 # Gradient methods
 # --------------------------------------------------------------------------------------------
 
@@ -345,7 +495,7 @@ def _input_x_gradient(model: nn.Module, x: Tensor, t: Tensor,
 
 @register("DeepLift", "gradient", "Compares each neuron's activation with its activation on a "
           "reference image (black here) and propagates the differences back to the pixels.",
-          baseline=0.0)
+          check=_deeplift_check, baseline=0.0)
 def _deeplift(model: nn.Module, x: Tensor, t: Tensor, o: dict[str, Any]) -> tuple[Tensor, dict]:
     from captum.attr import DeepLift
 
@@ -358,7 +508,8 @@ def _relu_count(model: nn.Module) -> int:
 
 
 @register("GuidedBackprop", "gradient", "Backpropagates only positive gradients through each "
-          "ReLU, which removes much of the plain gradient's noise.")
+          "ReLU, which removes much of the plain gradient's noise.",
+          check=_guided_check("GuidedBackprop"))
 def _guided_backprop(model: nn.Module, x: Tensor, t: Tensor,
                      o: dict[str, Any]) -> tuple[Tensor, dict]:
     from captum.attr import GuidedBackprop
@@ -371,12 +522,15 @@ def _guided_backprop(model: nn.Module, x: Tensor, t: Tensor,
 _LRP_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
-def check_lrp_supported(model: nn.Module) -> None:
-    """Raise ``ValueError`` unless every activation of ``model`` is an ``nn.ReLU``.
+def check_lrp_supported(model: nn.Module, images: Tensor | None = None) -> None:
+    """Raise ``ValueError`` unless LRP's rules cover ``model``.
 
-    The z-plus rule assumes non-negative activations from ReLUs, and layer or group norms have no
-    LRP rule here; the paper runs LRP only on its ResNet. Residual blocks of other kinds than those
-    in :func:`lrp_canonizers` are not detected: their additions would pass relevance as gradients.
+    Every activation must be an ``nn.ReLU``: the z-plus rule assumes non-negative activations
+    from ReLUs, and layer or group norms have no LRP rule here; the paper runs LRP only on its
+    ResNet. With ``images`` ``[N, C, H, W]``, one forward pass of a canonized private copy also
+    finds additions of two branches left in a module's forward (residual blocks of other kinds
+    than those in :func:`lrp_canonizers`): each would hand its full relevance to both branches,
+    doubling it, so the module is named in the error.
     """
     from zennit.types import Activation
 
@@ -386,6 +540,18 @@ def check_lrp_supported(model: nn.Module) -> None:
     if bad:
         raise ValueError(f"LRP needs a ReLU network with BatchNorm only (the paper excludes LRP "
                          f"elsewhere); this model has {', '.join(bad)}. Use another method.")
+    if images is None:
+        return
+    additions = _census(model, images, lrp_canonizers()).additions
+    if additions:
+        module = dict(model.named_modules())[additions[0]]
+        raise ValueError(
+            f"LRP cannot run on this model: {_where(additions[0])} ({type(module).__name__}) adds "
+            f"two branches computed from the input ({len(additions)} such addition(s) in the "
+            f"model), which lrp_canonizers() does not turn into a Sum module, so its relevance "
+            f"would go in full to both branches. Allowed residual blocks: "
+            f"spade_lib.models.BasicBlock, torchvision's BasicBlock and Bottleneck; or use "
+            f"another method.")
 
 
 def _basic_block_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -462,10 +628,6 @@ def lrp_canonizers() -> list[Any]:
     return [_exact_merge_batch_norm()(), AttributeCanonizer(attribute_map)]
 
 
-def _lrp_check(model: nn.Module) -> None:
-    check_lrp_supported(model)
-
-
 def lrp_composite(low: float = 0.0, high: float = 1.0, epsilon: float = 1e-6,
                   stabilizer: float = 1e-6, zero_bias: bool = False,
                   canonizers: list[Any] | None = None) -> Any:
@@ -531,7 +693,7 @@ def lrp_relevance(model: nn.Module, x: Tensor, t: Tensor, composite: Any) -> tup
 @register("LRP", "gradient", "Layer-wise relevance propagation: the class score is redistributed "
           "layer by layer onto the inputs, each neuron passing its relevance to the neurons that "
           "contributed to it (box rule on the first layer, z-plus on convolutions, epsilon on "
-          "dense layers).", library="zennit", check=_lrp_check,
+          "dense layers).", library="zennit", check=check_lrp_supported,
           low=0.0, high=1.0, epsilon=1e-6, stabilizer=1e-6, zero_bias=False)
 def _lrp(model: nn.Module, x: Tensor, t: Tensor, o: dict[str, Any]) -> tuple[Tensor, dict]:
     composite = lrp_composite(o["low"], o["high"], o["epsilon"], o["stabilizer"],
@@ -577,7 +739,7 @@ def default_cam_layer(model: nn.Module, images: Tensor) -> str:
 
 @register("GuidedGradCam", "perturbation", "Guided backpropagation multiplied by Grad-CAM, the "
           "class-gradient-weighted activation map of the last convolutional stage upsampled to the "
-          "input.", layer=None, interpolate_mode="nearest")
+          "input.", check=_guided_check("GuidedGradCam"), layer=None, interpolate_mode="nearest")
 def _guided_grad_cam(model: nn.Module, x: Tensor, t: Tensor,
                      o: dict[str, Any]) -> tuple[Tensor, dict]:
     from captum.attr import GuidedGradCam
@@ -823,19 +985,21 @@ def attribute(model: nn.Module, images: Tensor, target: int | Sequence[int] | Te
     Raises
     ------
     ValueError
-        Unknown method or option, bad images or target, LRP on a non-ReLU network.
+        Unknown method or option, bad images or target, or a network the method cannot run on,
+        all before any work: LRP on a non-ReLU network or on residual additions it cannot
+        canonize; DeepLift on activations applied as functions or on an activation module run
     """
     if spade:
         return _attribute_spade(model, images, target, method, spade, options)
     spec = get_method(method)
     opts = spec.resolve(options)
     x = _check_images(images)
+    device = _device(model, x.device)
+    x = x.to(device)
     if spec.check is not None:
-        spec.check(model)
+        spec.check(model, x[:1])
     start = time.perf_counter()
     work = _private_copy(model)
-    device = _device(work, x.device)
-    x = x.to(device)
     with torch.no_grad():
         out = work(x[:1])
     if out.dim() != 2:
@@ -855,11 +1019,19 @@ def attribute(model: nn.Module, images: Tensor, target: int | Sequence[int] | Te
 def _attribute_spade(model: nn.Module, images: Tensor, target: int | Sequence[int] | Tensor,
                      method: str, spade: bool | Mapping[str, Any],
                      options: Mapping[str, Any]) -> Attribution:
-    """SPADE: prune a copy of ``model`` for each image, then attribute on that copy."""
+    """SPADE: prune a copy of ``model`` for each image, then attribute on that copy.
+
+    The method's check runs on the dense ``model`` before any pruning (pruning keeps the
+    network's structure). Per-image info entries are joined: tensors concatenated, lists
+    extended, other values kept from the last image.
+    """
     from spade_lib.trace import trace
 
-    get_method(method).resolve(options)
+    spec = get_method(method)
+    spec.resolve(options)
     x = _check_images(images)
+    if spec.check is not None:
+        spec.check(model, x[:1].to(_device(model, x.device)))
     kwargs = {} if spade is True else dict(spade)
     targets = torch.as_tensor(target).flatten()
     if targets.numel() == 1:
@@ -868,14 +1040,30 @@ def _attribute_spade(model: nn.Module, images: Tensor, target: int | Sequence[in
         raise ValueError(f"target must be one class or {x.shape[0]} classes, got "
                          f"{targets.numel()}")
     start = time.perf_counter()
-    maps, reports, last = [], [], None
+    maps, reports, infos, last = [], [], [], None
     for i in range(x.shape[0]):
         tr = trace(model, x[i], **kwargs)
         last = attribute(tr.model, x[i:i + 1], int(targets[i]), method, **options)
         maps.append(last.map)
         reports.append(tr.report)
+        infos.append(last.info)
     assert last is not None
     return Attribution(map=torch.cat(maps), method=last.method, target=targets.to(last.target),
                        options={**last.options, "spade": kwargs},
-                       info={**last.info, "traces": reports},
+                       info={**_join_infos(infos), "traces": reports},
                        seconds=time.perf_counter() - start)
+
+
+def _join_infos(infos: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One info from per-image ones: tensors concatenated (0-d ones stacked), lists extended,
+    other values taken from the last."""
+    out: dict[str, Any] = {}
+    for key, value in infos[-1].items():
+        values = [info[key] for info in infos]
+        if isinstance(value, Tensor):
+            out[key] = torch.cat([v.reshape(-1, *v.shape[1:]) for v in values])
+        elif isinstance(value, list):
+            out[key] = [item for v in values for item in v]
+        else:
+            out[key] = value
+    return out

@@ -1,15 +1,18 @@
 """Preconditions of the user's network: each case below used to give a wrong or empty map
-silently. LRP's BatchNorm merge is an identity, and Lime falls back to a grid where SLIC returns
+silently. Methods refuse networks they cannot run on (before any work, also before SPADE's
+pruning), LRP's BatchNorm merge is an identity, and Lime falls back to a grid where SLIC returns
 one superpixel."""
 
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from nets import Tiny
 from torch import nn
 from zennit.canonizers import CompositeCanonizer
 
@@ -17,6 +20,7 @@ from spade_lib.attribution import (
     attribute,
     grid_segments,
     lrp_canonizers,
+    supported_methods,
 )
 from spade_lib.models import build_model
 
@@ -24,6 +28,60 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 U = 2.0 ** -24
 """float32 unit roundoff."""
+
+
+class TwoConv(nn.Module):
+    """The issue's 2-conv classifier: ReLUs applied as functions in ``forward``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class ReusedReLU(TwoConv):
+    """One ``nn.ReLU`` module applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.conv2(self.act(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class PlainBlock(nn.Module):
+    """A residual block that is neither spade_lib's nor torchvision's."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))) + x)
+
+
+class PlainResNet(nn.Module):
+    def __init__(self, blocks: int = 4, c: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.ReLU())
+        self.blocks = nn.Sequential(*[PlainBlock(c) for _ in range(blocks)])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
 
 
 def _images(n: int = 1, side: int = 12, seed: int = 0) -> torch.Tensor:
@@ -57,6 +115,65 @@ def _params(model: nn.Module) -> dict[str, torch.Tensor]:
 def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
     after = model.state_dict()
     return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def _no_pruning(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pruning started before the method's check")
+
+    # spade_lib.trace is also the name of the function spade_lib exports
+    monkeypatch.setattr(importlib.import_module("spade_lib.trace"), "trace", fail)
+    monkeypatch.setattr(importlib.import_module("spade_lib.pruning"), "prune_layer", fail)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Functional activations, reused activation modules, completeness
+# --------------------------------------------------------------------------------------------
+
+def test_deeplift_refuses_functional_relus() -> None:
+    torch.manual_seed(0)
+    model, x = TwoConv().eval(), torch.rand(1, 3, 12, 12)
+    before = _params(model)
+    with pytest.raises(ValueError, match=r"DeepLift cannot run on this model: it applies the "
+                       r"activation function relu outside an activation module \(2 such"):
+        attribute(model, x, 0, "DeepLift")
+    assert _unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", ["GuidedBackprop", "GuidedGradCam"])
+def test_guided_methods_refuse_functional_relus(method: str) -> None:
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    before = _params(model)
+    with pytest.raises(ValueError, match=f"{method} cannot run on this model: .* relu .*"
+                       "Allowed: ReLUs as nn.ReLU"):
+        attribute(model, _images(), 0, method)
+    assert _unchanged(model, before)
+
+
+def test_supported_methods_with_images_sees_functional_relus(model: nn.Module) -> None:
+    gradients = ["Saliency", "DeepLift", "GuidedBackprop", "GuidedGradCam"]
+    assert supported_methods(Tiny(), gradients, images=_images()) == ["Saliency"]
+    assert supported_methods(model, gradients, images=_images()) == gradients
+
+
+# --------------------------------------------------------------------------------------------
+# 4. LRP on residual additions it does not canonize
+# --------------------------------------------------------------------------------------------
+
+def test_lrp_refuses_a_residual_block_it_cannot_canonize(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = PlainResNet().eval()
+    before = _params(model)
+    match = (r"LRP cannot run on this model: module 'blocks.0' \(PlainBlock\) adds two branches "
+             r".*\(4 such addition")
+    with pytest.raises(ValueError, match=match):
+        attribute(model, _images(), 0, "LRP", zero_bias=True)
+    _no_pruning(monkeypatch)
+    with pytest.raises(ValueError, match=match):
+        attribute(model, _images(), 0, "LRP", spade={"sparsity": 0.5, "n_augmentations": 4})
+    assert _unchanged(model, before)
+    assert "LRP" not in supported_methods(model, images=_images())
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,3 +225,28 @@ def test_grid_segments() -> None:
     assert int(wide.max()) + 1 == 8 and wide[:, :2].unique().numel() == 1  # 2 x 4, 2x4-px cells
     assert int(grid_segments(3, 3, 50).max()) + 1 == 9  # at most one cell per pixel
     assert math.isclose(float(grid_segments(10, 20, 1).max()), 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Checks before SPADE's pruning
+# --------------------------------------------------------------------------------------------
+
+def test_deeplift_refuses_a_reused_relu_before_pruning(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = ReusedReLU().eval()
+    before = _params(model)
+    _no_pruning(monkeypatch)
+    match = (r"DeepLift cannot run on this model: module 'act' \(ReLU\) runs 2 times in one "
+             r"forward pass.*Allowed: one activation module per use")
+    with pytest.raises(ValueError, match=match):
+        attribute(model, _images(2), [0, 1], "DeepLift", spade={"sparsity": 0.5})
+    with pytest.raises(ValueError, match=match):
+        attribute(model, _images(2), [0, 1], "DeepLift")
+    assert _unchanged(model, before)
+
+
+def test_guided_backprop_refuses_functional_relus_before_pruning(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_pruning(monkeypatch)
+    with pytest.raises(ValueError, match="GuidedBackprop cannot run on this model"):
+        attribute(Tiny(), _images(), 0, "GuidedBackprop", spade=True)
