@@ -62,9 +62,9 @@ from spade_lib.metrics import AGGREGATIONS, aggregate
 
 __all__ = [
     "DESCRIPTIONS", "GROUPS", "GROUP_NAMES", "IMAGES_PER_PASS", "METHODS", "Attribution", "Method",
-    "attribute", "available", "check_lrp_supported", "default_cam_layer", "get_method",
-    "gradient_shap_baselines", "lrp_canonizers", "lrp_composite", "lrp_relevance",
-    "methods_table", "occlusion_window", "register", "superpixels",
+    "CompletenessWarning", "attribute", "available", "check_lrp_supported", "default_cam_layer",
+    "get_method", "gradient_shap_baselines", "grid_segments", "lrp_canonizers", "lrp_composite",
+    "lrp_relevance", "methods_table", "occlusion_window", "register", "superpixels",
 ]
 
 GROUP_NAMES = ("gradient", "perturbation", "mixed")
@@ -473,6 +473,100 @@ def _guided_check(method: str) -> Callable[[nn.Module, Tensor | None], None]:
 
 
 # --------------------------------------------------------------------------------------------
+# Completeness: a map that should sum to f(x) - f(baseline)
+# --------------------------------------------------------------------------------------------
+
+class CompletenessWarning(UserWarning):
+    """A map's sum misses the score change it should add up to by more than the tolerance of its
+    method (see :func:`attribute`, info ``completeness_gap``)."""
+
+
+_UNIT_ROUNDOFF = 2.0 ** -24
+"""Unit roundoff of float32."""
+
+IG_COMPLETENESS_RTOL = 0.05
+"""IntegratedGradients' tolerance on ``completeness_gap``: Sundararajan et al. (2017), "Axiomatic
+Attribution for Deep Networks", choose the number of steps so that the attributions add up to
+within 5% of the score change."""
+
+LRP_COMPLETENESS_RTOL = 0.01
+"""LRP's (``zero_bias=True``) tolerance on ``completeness_gap``: its rules conserve relevance up to
+their stabilisers, except that z-plus passes nothing on from a neuron without positive input;
+more than 1% lost or created means a layer the rules do not cover (a missed residual addition
+alone doubles the relevance)."""
+
+GRADIENT_SHAP_Z = 5.0
+"""GradientShap's tolerance on the mean of its per-sample completeness gaps, in standard errors of
+that mean: with ``n_samples`` 25 a sound network exceeds it with probability about 4e-5 (Student's
+t, 24 degrees of freedom)."""
+
+
+def _completeness(model: nn.Module, x: Tensor, t: Tensor, attr: Tensor, gap: Tensor,
+                  allowance: Tensor, fx: Tensor | None = None) -> dict[str, Tensor]:
+    """Completeness entries of a method's info, per image ``[N]``.
+
+    Parameters
+    ----------
+    x, t, attr
+        Images ``[N, C, H, W]``, targets ``[N]`` and the map ``[N, C, H, W]``.
+    gap
+        ``sum(map) - D`` per image ``[N]``, where ``D`` is the score change the map should sum
+        to (``f(x) - f(baseline)`` for the target logit ``f``).
+    allowance
+        What the method may miss ``D`` by, absolute, ``[N]``.
+    fx
+        The target logits ``f(x)`` ``[N]`` if known; computed with ``model`` otherwise.
+
+    Returns
+    -------
+    dict
+        ``completeness_gap``: ``gap / |D|``; ``completeness_tolerance``: ``(allowance + r) /
+        |D|``, where ``r = 2 (L + ceil(log2 n)) u (sum|map| + |f(x)| + |f(x) - D|)`` bounds
+        float32 rounding (``u = 2**-24``; each of the ``L`` leaf modules rounds every term once
+        forward and once backward, summing ``n = C H W`` values adds ``log2 n`` roundings).
+    """
+    if fx is None:
+        with torch.no_grad():
+            fx = model(x).gather(1, t[:, None])[:, 0]
+    fx = fx.detach().double()
+    gap, total = gap.detach().double(), attr.detach().double().flatten(1)
+    change = total.sum(1) - gap
+    depth = sum(1 for m in model.modules() if next(m.children(), None) is None)
+    k = 2 * (depth + math.ceil(math.log2(total.shape[1])))
+    rounding = k * _UNIT_ROUNDOFF * (total.abs().sum(1) + fx.abs() + (fx - change).abs())
+    scale = change.abs()
+    relative = torch.where(gap == 0, torch.zeros_like(gap), gap / scale)
+    return {"completeness_gap": relative.to(x.dtype),
+            "completeness_tolerance": ((allowance.double() + rounding) / scale).to(x.dtype)}
+
+
+_COMPLETENESS_HINTS = {
+    "DeepLift": "the network has operations Captum's DeepLift passes gradients through "
+                "(activations other than ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus; norms; "
+                "products of branches)",
+    "IntegratedGradients": "raise n_steps (the quadrature error falls about as 1/n_steps)",
+    "GradientShap": "the gradients do not integrate to the score (e.g. a detached or "
+                    "non-differentiable operation in the forward pass), or raise n_samples",
+    "LRP": "relevance is created or lost on its way; look for residual additions or layers "
+           "without an LRP rule",
+}
+
+
+def _warn_incomplete(method: str, info: Mapping[str, Any]) -> None:
+    """Warn (:class:`CompletenessWarning`) for the images whose gap exceeds the tolerance."""
+    if "completeness_gap" not in info:
+        return
+    gap, tol = info["completeness_gap"].abs(), info["completeness_tolerance"]
+    bad = (~(gap <= tol)).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        warnings.warn(f"{method}: the map of image {i} misses f(x) - f(baseline) by "
+                      f"{float(gap[i]):.3g} of it (tolerance {float(tol[i]):.3g}; images {bad} "
+                      f"exceed theirs); {_COMPLETENESS_HINTS.get(method, '')}",
+                      CompletenessWarning, stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------------
 # Gradient methods
 # --------------------------------------------------------------------------------------------
 
@@ -499,7 +593,9 @@ def _input_x_gradient(model: nn.Module, x: Tensor, t: Tensor,
 def _deeplift(model: nn.Module, x: Tensor, t: Tensor, o: dict[str, Any]) -> tuple[Tensor, dict]:
     from captum.attr import DeepLift
 
-    return DeepLift(model).attribute(x, target=t, baselines=float(o["baseline"])), {}
+    attr, delta = DeepLift(model).attribute(x, target=t, baselines=float(o["baseline"]),
+                                            return_convergence_delta=True)
+    return attr, _completeness(model, x, t, attr, delta, torch.zeros_like(delta))
 
 
 def _relu_count(model: nn.Module) -> int:
@@ -699,7 +795,12 @@ def _lrp(model: nn.Module, x: Tensor, t: Tensor, o: dict[str, Any]) -> tuple[Ten
     composite = lrp_composite(o["low"], o["high"], o["epsilon"], o["stabilizer"],
                               bool(o["zero_bias"]))
     relevance, start = lrp_relevance(model, x, t, composite)
-    return relevance, {"output_relevance": start}
+    info = {"output_relevance": start}
+    if o["zero_bias"]:
+        gap = relevance.detach().flatten(1).sum(1) - start
+        info.update(_completeness(model, x, t, relevance, gap,
+                                  LRP_COMPLETENESS_RTOL * start.abs(), fx=start))
+    return relevance, info
 
 
 # --------------------------------------------------------------------------------------------
@@ -890,7 +991,9 @@ def _integrated_gradients(model: nn.Module, x: Tensor, t: Tensor,
         x, target=t, baselines=float(o["baseline"]), n_steps=int(o["n_steps"]),
         method=o["method"], internal_batch_size=max(o["internal_batch_size"], x.shape[0]),
         return_convergence_delta=True)
-    return attr, {"convergence_delta": delta.detach()}
+    change = attr.detach().flatten(1).sum(1) - delta
+    info = _completeness(model, x, t, attr, delta, IG_COMPLETENESS_RTOL * change.abs())
+    return attr, {"convergence_delta": delta.detach(), **info}
 
 
 def gradient_shap_baselines(like: Tensor, n_noise: int, seed: int) -> Tensor:
@@ -914,13 +1017,19 @@ def _gradient_shap(model: nn.Module, x: Tensor, t: Tensor,
                          f"{o['n_noise_baselines']!r}")
     baselines = gradient_shap_baselines(x, o["n_noise_baselines"], int(o["seed"]))
     shap = GradientShap(model)
-    maps = []
+    maps, gaps, errors = [], [], []
     for i in range(x.shape[0]):
         with _seeded(int(o["seed"]), x.device):
-            maps.append(shap.attribute(x[i:i + 1], baselines=baselines, target=int(t[i]),
-                                       n_samples=int(o["n_samples"]),
-                                       stdevs=float(o["stdevs"])))
-    return torch.cat(maps), {}
+            attr, delta = shap.attribute(x[i:i + 1], baselines=baselines, target=int(t[i]),
+                                         n_samples=int(o["n_samples"]),
+                                         stdevs=float(o["stdevs"]), return_convergence_delta=True)
+        maps.append(attr)
+        gaps.append(delta.mean())
+        errors.append(delta.std() / math.sqrt(delta.numel()) if delta.numel() > 1
+                      else torch.tensor(math.inf))
+    attr = torch.cat(maps)
+    gap, allowance = torch.stack(gaps), GRADIENT_SHAP_Z * torch.stack(errors).to(x.device)
+    return attr, _completeness(model, x, t, attr, gap, allowance)
 
 
 # --------------------------------------------------------------------------------------------
@@ -988,6 +1097,20 @@ def attribute(model: nn.Module, images: Tensor, target: int | Sequence[int] | Te
         Unknown method or option, bad images or target, or a network the method cannot run on,
         all before any work: LRP on a non-ReLU network or on residual additions it cannot
         canonize; DeepLift on activations applied as functions or on an activation module run
+        twice; the guided methods on ReLUs applied as functions.
+
+    Warns
+    -----
+    CompletenessWarning
+        DeepLift, IntegratedGradients, GradientShap and LRP with ``zero_bias=True`` record in
+        ``info["completeness_gap"]`` (``[N]``) how far each map's sum misses the score change it
+        should add up to, relative to that change: ``(sum(map) - D) / |D|`` with ``D = f(x) -
+        f(baseline)`` for the target logit ``f`` (GradientShap: its mean over the drawn
+        references and noisy inputs; LRP: ``D = f(x)``). ``info["completeness_tolerance"]``
+        (``[N]``) is float32 rounding (see ``_completeness``) plus the method's own error: none
+        for DeepLift, :data:`IG_COMPLETENESS_RTOL` of ``|D|`` for IntegratedGradients,
+        :data:`GRADIENT_SHAP_Z` standard errors of the mean for GradientShap,
+        :data:`LRP_COMPLETENESS_RTOL` of ``|D|`` for LRP. A gap beyond it warns.
     """
     if spade:
         return _attribute_spade(model, images, target, method, spade, options)
@@ -1012,6 +1135,7 @@ def attribute(model: nn.Module, images: Tensor, target: int | Sequence[int] | Te
     if attr.shape != x.shape:
         raise RuntimeError(f"{spec.name} returned shape {tuple(attr.shape)}, expected "
                            f"{tuple(x.shape)}")
+    _warn_incomplete(spec.name, info)
     return Attribution(map=attr.detach(), method=spec.name, target=t, options=opts, info=info,
                        seconds=time.perf_counter() - start)
 

@@ -1,7 +1,7 @@
 """Preconditions of the user's network: each case below used to give a wrong or empty map
 silently. Methods refuse networks they cannot run on (before any work, also before SPADE's
-pruning), LRP's BatchNorm merge is an identity, and Lime falls back to a grid where SLIC returns
-one superpixel."""
+pruning), completeness gaps are measured and warned about, LRP's BatchNorm merge is an identity,
+and Lime falls back to a grid where SLIC returns one superpixel."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ from torch import nn
 from zennit.canonizers import CompositeCanonizer
 
 from spade_lib.attribution import (
+    GRADIENT_SHAP_Z,
+    IG_COMPLETENESS_RTOL,
+    LRP_COMPLETENESS_RTOL,
+    CompletenessWarning,
     attribute,
     grid_segments,
     lrp_canonizers,
@@ -117,6 +121,12 @@ def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
     return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
+def _score_change(model: nn.Module, x: torch.Tensor, t: int, baseline: float = 0.0) -> torch.Tensor:
+    """``f(x) - f(baseline)`` of the target logit, per image ``[N]``, in float64."""
+    with torch.no_grad():
+        return (model(x) - model(torch.full_like(x, baseline)))[:, t].double()
+
+
 def _no_pruning(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("pruning started before the method's check")
@@ -157,6 +167,60 @@ def test_supported_methods_with_images_sees_functional_relus(model: nn.Module) -
     assert supported_methods(model, gradients, images=_images()) == gradients
 
 
+def test_deeplift_completeness_is_measured(model: nn.Module) -> None:
+    """Exact on a network of ReLU modules (rounding only); a GELU network misses it and warns."""
+    x, t = _images(2, side=16), 3
+    attr = attribute(model, x, t, "DeepLift")
+    change = _score_change(model, x, t)
+    gap = attr.info["completeness_gap"]
+    torch.testing.assert_close(gap.double(), (attr.map.double().sum((1, 2, 3)) - change)
+                               / change.abs(), atol=1e-5, rtol=0)
+    assert (gap.abs() <= attr.info["completeness_tolerance"]).all()
+    torch.manual_seed(0)
+    gelu = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    with pytest.warns(CompletenessWarning, match="DeepLift: the map of image 0 misses"):
+        attribute(gelu, x, 1, "DeepLift")
+
+
+def test_integrated_gradients_warns_with_too_few_steps() -> None:
+    model, x, t = _shifted_resnet(), _images(1, side=16, seed=1), 5
+    change = _score_change(model, x, t)
+    with pytest.warns(CompletenessWarning, match="IntegratedGradients.*raise n_steps"):
+        few = attribute(model, x, t, "IntegratedGradients", n_steps=2)
+    expected = (few.map.double().sum((1, 2, 3)) - change) / change.abs()
+    torch.testing.assert_close(few.info["completeness_gap"].double(), expected, atol=1e-5, rtol=0)
+    assert (few.info["completeness_tolerance"] >= IG_COMPLETENESS_RTOL).all()
+    many = attribute(model, x, t, "IntegratedGradients", n_steps=64)
+    assert (many.info["completeness_gap"].abs() <= many.info["completeness_tolerance"]).all()
+
+
+class Detached(nn.Module):
+    """A network whose forward hides a branch from autograd: gradients miss its share (10 times
+    the image mean, against a black reference)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + 10.0 * x.mean((1, 2, 3))[:, None].detach()
+
+
+def test_gradient_shap_expectation_gap() -> None:
+    torch.manual_seed(0)
+    model, x = Detached().eval(), _images(1, side=12)
+    before = _params(model)
+    with pytest.warns(CompletenessWarning, match="GradientShap.*detached"):
+        bad = attribute(model, x, 0, "GradientShap", n_noise_baselines=0)
+    assert _unchanged(model, before)
+    assert bad.info["completeness_gap"].abs().item() > 0.5
+    sound = attribute(model.net, x, 0, "GradientShap", n_noise_baselines=0)
+    gap, tol = sound.info["completeness_gap"], sound.info["completeness_tolerance"]
+    assert (gap.abs() <= tol).all() and GRADIENT_SHAP_Z == 5.0
+
+
 # --------------------------------------------------------------------------------------------
 # 4. LRP on residual additions it does not canonize
 # --------------------------------------------------------------------------------------------
@@ -174,6 +238,19 @@ def test_lrp_refuses_a_residual_block_it_cannot_canonize(monkeypatch: pytest.Mon
         attribute(model, _images(), 0, "LRP", spade={"sparsity": 0.5, "n_augmentations": 4})
     assert _unchanged(model, before)
     assert "LRP" not in supported_methods(model, images=_images())
+
+
+def test_lrp_records_its_conservation_gap(model: nn.Module) -> None:
+    x = _images(2, side=16, seed=2)
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    attr = attribute(model, x, target, "LRP", zero_bias=True)
+    start = attr.info["output_relevance"].double()
+    expected = (attr.map.double().sum((1, 2, 3)) - start) / start.abs()
+    torch.testing.assert_close(attr.info["completeness_gap"].double(), expected, atol=1e-6,
+                               rtol=0)
+    assert (attr.info["completeness_tolerance"] >= LRP_COMPLETENESS_RTOL).all()
+    assert "completeness_gap" not in attribute(model, x, target, "LRP").info  # biases absorb
 
 
 # --------------------------------------------------------------------------------------------
