@@ -10,6 +10,12 @@ the other convolutions, epsilon on dense layers, BatchNorm merged into the prece
 every residual addition made an explicit module (:func:`lrp_canonizers`). LRP is refused on networks
 with other activations than ReLU, as in the paper.
 
+Before any work, a method's check (:class:`Method`) refuses a network it cannot run on, found in one
+forward pass of a private copy: activations applied as functions (DeepLift, the guided methods), an
+activation module run twice (DeepLift), residual additions LRP cannot canonize. Methods whose map
+should sum to a score change (DeepLift, IntegratedGradients, GradientShap in expectation, LRP with
+``zero_bias=True``) record how far it misses and warn (:class:`CompletenessWarning`).
+
 The caller's network is never changed: every method runs on a deep copy in eval mode, so hooks,
 canonizers and ``requires_grad`` changes never reach the original. Seeded methods (Lime,
 GradientShap) draw their randomness inside a forked RNG state, per sample, so a sample's map depends
@@ -216,9 +222,12 @@ class Attribution:
         Grad-CAM layer or the occlusion window).
     info
         Method-specific by-products: LRP's ``output_relevance`` per sample (the target logits
-        it started from), Lime's ``n_superpixels``, IntegratedGradients' ``convergence_delta``,
-        the guided methods' ``guided_relus`` (number of ``nn.ReLU`` modules Captum modified;
-        0 on ReLU6/GELU networks, where the guided methods reduce to plain gradients).
+        it started from), Lime's ``n_superpixels`` and ``segmentation`` (``"slic"`` or
+        ``"grid"``) per sample, IntegratedGradients' ``convergence_delta``, the guided methods'
+        ``guided_relus`` (number of ``nn.ReLU`` modules Captum modified; 0 on ReLU6/GELU
+        networks, where the guided methods reduce to plain gradients), and
+        ``completeness_gap`` and ``completeness_tolerance`` ``[N]`` of the methods whose map
+        should sum to a score change (see :func:`attribute`).
     seconds
         Wall time of the call.
     """
@@ -339,7 +348,8 @@ _ACTIVATION_FUNCTIONS = frozenset({
     "hardsigmoid", "logsigmoid", "threshold", "threshold_", "glu",
 })
 """Names of the torch functions (``torch.relu``, ``F.relu``, ``Tensor.relu``, ...) that apply an
-activation; a call outside an activation module is a functional activation."""
+activation; called from a module other than the activation module a method handles, it is a
+functional activation."""
 
 _BRANCH_OPS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__",
                          "sub", "sub_", "__sub__", "__rsub__", "__isub__"})
@@ -355,21 +365,17 @@ class _Census:
     ----------
     calls
         Module name -> number of times the module ran.
-    functional
-        ``(function, module name)`` of every activation function applied outside an activation
-        module (a class of ``torch.nn.modules.activation``), with the module that called it.
+    activations
+        ``(function, module name, module)`` of every activation function applied (see
+        :data:`_ACTIVATION_FUNCTIONS`), with the innermost running module, which called it.
     additions
         Name of the module whose own forward added or subtracted two tensors that both depend
         on the input, once per such operation.
     """
 
     calls: dict[str, int] = field(default_factory=dict)
-    functional: list[tuple[str, str]] = field(default_factory=list)
+    activations: list[tuple[str, str, nn.Module | None]] = field(default_factory=list)
     additions: list[str] = field(default_factory=list)
-
-
-def _is_activation(module: nn.Module) -> bool:
-    return type(module).__module__ == "torch.nn.modules.activation"
 
 
 class _Recorder(torch.overrides.TorchFunctionMode):
@@ -383,8 +389,8 @@ class _Recorder(torch.overrides.TorchFunctionMode):
                            kwargs: dict | None = None) -> Any:
         name = getattr(func, "__name__", "")
         where, module = self.stack[-1] if self.stack else ("", None)
-        if name in _ACTIVATION_FUNCTIONS and not _is_activation(module):
-            self.census.functional.append((name, where))
+        if name in _ACTIVATION_FUNCTIONS:
+            self.census.activations.append((name, where, module))
         elif name in _BRANCH_OPS and sum(isinstance(a, Tensor) and a.requires_grad
                                          for a in args[:2]) == 2:
             self.census.additions.append(where)
@@ -428,11 +434,12 @@ def _where(name: str) -> str:
     return f"module {name!r}" if name else "the model's own forward"
 
 
-def _refuse_functional(method: str, census: _Census, functions: Sequence[str] | None,
-                       why: str, allowed: str) -> None:
-    """``ValueError`` naming the first activation function called outside an activation module
-    (only ``functions`` when given)."""
-    calls = [(f, w) for f, w in census.functional if functions is None or f in functions]
+def _refuse_functional(method: str, census: _Census,
+                       handled: Callable[[str, nn.Module | None], bool], why: str,
+                       allowed: str) -> None:
+    """``ValueError`` naming the first activation function the method does not handle:
+    ``handled(function, module)`` says whether ``module`` applying ``function`` is fine."""
+    calls = [(f, w) for f, w, m in census.activations if not handled(f, m)]
     if calls:
         (function, where), n = calls[0], len(calls)
         raise ValueError(f"{method} cannot run on this model: it applies the activation function "
@@ -441,19 +448,24 @@ def _refuse_functional(method: str, census: _Census, functions: Sequence[str] | 
 
 
 def _deeplift_check(model: nn.Module, images: Tensor | None) -> None:
-    """DeepLift needs every non-linearity Captum handles as a module that runs once per pass."""
+    """DeepLift's check: every activation function runs inside a torch activation module (Captum's
+    rescale rule reaches modules only), and no module Captum's DeepLift hooks runs twice in one
+    pass (it keeps one input and output per module, and would fail only after the work).
+    Activation modules it has no rule for (GELU, ReLU6) pass: their error shows in the
+    completeness gap."""
     from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
 
     if images is None:
         return
     census = _census(model, images)
-    _refuse_functional("DeepLift", census, None,
+    _refuse_functional("DeepLift", census,
+                       lambda f, m: type(m).__module__ == "torch.nn.modules.activation",
                        "Captum's DeepLift applies its rule only to activation modules, so the "
                        "map would not sum to f(x) - f(baseline)",
                        "activations as modules (nn.ReLU(), ...) attributes of the model")
     modules = dict(model.named_modules())
     for name, count in census.calls.items():
-        if count > 1 and isinstance(modules[name], tuple(SUPPORTED_NON_LINEAR)):
+        if count > 1 and type(modules[name]) in SUPPORTED_NON_LINEAR:
             raise ValueError(f"DeepLift cannot run on this model: {_where(name)} "
                              f"({type(modules[name]).__name__}) runs {count} times in one forward "
                              f"pass, and Captum's DeepLift keeps one input and output per "
@@ -465,7 +477,8 @@ def _guided_check(method: str) -> Callable[[nn.Module, Tensor | None], None]:
 
     def check(model: nn.Module, images: Tensor | None) -> None:
         if images is not None:
-            _refuse_functional(method, _census(model, images), ("relu", "relu_"),
+            _refuse_functional(method, _census(model, images),
+                               lambda f, m: f not in ("relu", "relu_") or isinstance(m, nn.ReLU),
                                "Captum guides only nn.ReLU modules, so that ReLU would pass "
                                "plain gradients", "ReLUs as nn.ReLU() attributes of the model")
 

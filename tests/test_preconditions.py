@@ -161,6 +161,19 @@ def test_guided_methods_refuse_functional_relus(method: str) -> None:
     assert _unchanged(model, before)
 
 
+def test_guided_methods_accept_relu_subclasses() -> None:
+    """Captum guides every ``nn.ReLU`` instance, subclasses included."""
+
+    class MyReLU(nn.ReLU):
+        pass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), MyReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3)).eval()
+    attr = attribute(model, _images(), 0, "GuidedBackprop")
+    assert attr.info["guided_relus"] == 1
+
+
 def test_supported_methods_with_images_sees_functional_relus(model: nn.Module) -> None:
     gradients = ["Saliency", "DeepLift", "GuidedBackprop", "GuidedGradCam"]
     assert supported_methods(Tiny(), gradients, images=_images()) == ["Saliency"]
@@ -215,6 +228,9 @@ def test_gradient_shap_expectation_gap() -> None:
     with pytest.warns(CompletenessWarning, match="GradientShap.*detached"):
         bad = attribute(model, x, 0, "GradientShap", n_noise_baselines=0)
     assert _unchanged(model, before)
+    change = _score_change(model, x, 0)  # the black image is the only reference
+    expected = (bad.map.double().sum((1, 2, 3)) - change) / change.abs()
+    torch.testing.assert_close(bad.info["completeness_gap"].double(), expected, atol=1e-5, rtol=0)
     assert bad.info["completeness_gap"].abs().item() > 0.5
     sound = attribute(model.net, x, 0, "GradientShap", n_noise_baselines=0)
     gap, tol = sound.info["completeness_gap"], sound.info["completeness_tolerance"]
