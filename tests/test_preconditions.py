@@ -343,3 +343,13 @@ def test_guided_backprop_refuses_functional_relus_before_pruning(
     _no_pruning(monkeypatch)
     with pytest.raises(ValueError, match="GuidedBackprop cannot run on this model"):
         attribute(Tiny(), _images(), 0, "GuidedBackprop", spade=True)
+
+
+def test_spade_keeps_every_image_s_info(model: nn.Module) -> None:
+    """Per-image info of the pruned copies is joined, not taken from the last image only."""
+    spade = {"sparsity": 0.5, "n_augmentations": 4}
+    attr = attribute(model, _images(2, side=16), [1, 4], "IntegratedGradients", spade=spade,
+                     n_steps=64)
+    assert attr.info["completeness_gap"].shape == attr.info["convergence_delta"].shape == (2,)
+    lime = attribute(model, _images(2, side=16), [1, 4], "Lime", spade=spade, n_samples=20)
+    assert lime.info["segmentation"] == ["slic", "slic"] and len(lime.info["n_superpixels"]) == 2
