@@ -472,7 +472,9 @@ def _deeplift_check(model: nn.Module, images: Tensor | None) -> None:
             raise ValueError(f"DeepLift cannot run on this model: {_where(name)} "
                              f"({type(modules[name]).__name__}) runs {count} times in one forward "
                              f"pass, and Captum's DeepLift keeps one input and output per "
-                             f"activation module. Allowed: one activation module per use.")
+                             f"activation module. Allowed: one activation module per use "
+                             f"(spade_lib.models.make_attribution_safe rewires torchvision's "
+                             f"ResNet blocks).")
 
 
 def _guided_check(method: str) -> Callable[[nn.Module, Tensor | None], None]:
@@ -675,6 +677,12 @@ def _basic_block_forward(self: nn.Module, x: Tensor) -> Tensor:
     return self.relu2(out)
 
 
+def _safe_tv_basic_block_forward(self: nn.Module, x: Tensor) -> Tensor:
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+    return self.relu2(self.canonizer_sum(torch.stack([identity, out], dim=-1)))
+
+
 def _safe_bottleneck_forward(self: nn.Module, x: Tensor) -> Tensor:
     identity = x if self.downsample is None else self.downsample(x)
     out = self.relu1(self.bn1(self.conv1(x)))
@@ -715,7 +723,8 @@ def lrp_canonizers() -> list[Any]:
        over the stacked pair, which gets the proportional (``Norm``) rule, so the relevance of a
        block's output is split between the two branches in proportion to their values. It covers
        :class:`spade_lib.models.BasicBlock`, torchvision's ``BasicBlock`` and ``Bottleneck``
-       (including the three-ReLU form made by :func:`spade_lib.models.make_attribution_safe`).
+       (including the forms with one ReLU per use made by
+       :func:`spade_lib.models.make_attribution_safe`).
 
     All changes are undone when the zennit composite is removed.
     """
@@ -734,6 +743,8 @@ def lrp_canonizers() -> list[Any]:
             forward = _safe_bottleneck_forward
         elif isinstance(module, tv.Bottleneck):
             forward = ResNetBottleneckCanonizer.forward
+        elif isinstance(module, tv.BasicBlock) and hasattr(module, "relu1"):
+            forward = _safe_tv_basic_block_forward
         elif isinstance(module, tv.BasicBlock):
             forward = ResNetBasicBlockCanonizer.forward
         else:

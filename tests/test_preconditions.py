@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from nets import Tiny
 from torch import nn
 from zennit.canonizers import CompositeCanonizer
@@ -26,7 +27,7 @@ from spade_lib.attribution import (
     lrp_canonizers,
     supported_methods,
 )
-from spade_lib.models import build_model
+from spade_lib.models import build_model, make_attribution_safe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -235,6 +236,24 @@ def test_gradient_shap_expectation_gap() -> None:
     sound = attribute(model.net, x, 0, "GradientShap", n_noise_baselines=0)
     gap, tol = sound.info["completeness_gap"], sound.info["completeness_tolerance"]
     assert (gap.abs() <= tol).all() and GRADIENT_SHAP_Z == 5.0
+
+
+def test_make_attribution_safe_rewires_torchvision_basic_blocks() -> None:
+    """torchvision's ResNet-18 applies each block's ReLU twice: DeepLift refuses it; rewired, the
+    function is the same and DeepLift and LRP run and sum to the score (change)."""
+    torch.manual_seed(0)
+    raw = torchvision.models.resnet18(num_classes=10).eval()
+    x = _images(1, side=32, seed=5)
+    with pytest.raises(ValueError, match=r"module 'layer1.0.relu' \(ReLU\) runs 2 times"):
+        attribute(raw, x, 0, "DeepLift")
+    fixed = make_attribution_safe(copy.deepcopy(raw)).eval()
+    before = _params(fixed)
+    with torch.no_grad():
+        torch.testing.assert_close(fixed(x), raw(x), atol=0, rtol=0)
+    for method, options in (("DeepLift", {}), ("LRP", {"zero_bias": True})):
+        attr = attribute(fixed, x, 3, method, **options)
+        assert (attr.info["completeness_gap"].abs() <= attr.info["completeness_tolerance"]).all()
+    assert _unchanged(fixed, before)
 
 
 # --------------------------------------------------------------------------------------------
