@@ -1153,11 +1153,7 @@ def attribute(model: nn.Module, images: Tensor, target: int | Sequence[int] | Te
         spec.check(model, x[:1])
     start = time.perf_counter()
     work = _private_copy(model)
-    with torch.no_grad():
-        out = work(x[:1])
-    if out.dim() != 2:
-        raise ValueError(f"the model must return logits [N, K], got shape {tuple(out.shape)}")
-    t = _check_target(target, x.shape[0], out.shape[1], device)
+    t = _logit_targets(work, x, target)
     with torch.enable_grad(), warnings.catch_warnings():
         for message in _CAPTUM_NOTICES:
             warnings.filterwarnings("ignore", message=message)
@@ -1170,29 +1166,35 @@ def attribute(model: nn.Module, images: Tensor, target: int | Sequence[int] | Te
                        seconds=time.perf_counter() - start)
 
 
+def _logit_targets(work: nn.Module, x: Tensor, target: Any) -> Tensor:
+    """The checked targets ``[N]`` (int64, on ``x``'s device) of images ``x`` ``[N, C, H, W]``
+    for a network ``work`` (a private copy) that must return logits ``[N, K]``."""
+    with torch.no_grad():
+        out = work(x[:1])
+    if out.dim() != 2:
+        raise ValueError(f"the model must return logits [N, K], got shape {tuple(out.shape)}")
+    return _check_target(target, x.shape[0], out.shape[1], x.device)
+
+
 def _attribute_spade(model: nn.Module, images: Tensor, target: int | Sequence[int] | Tensor,
                      method: str, spade: bool | Mapping[str, Any],
                      options: Mapping[str, Any]) -> Attribution:
     """SPADE: prune a copy of ``model`` for each image, then attribute on that copy.
 
-    The method's check runs on the dense ``model`` before any pruning (pruning keeps the
-    network's structure). Per-image info entries are joined: tensors concatenated, lists
-    extended, other values kept from the last image.
+    The method's check and the targets' check run on the dense ``model`` before any pruning
+    (pruning keeps the network's structure). Per-image info entries are joined: tensors
+    concatenated, lists extended, other values kept from the last image.
     """
     from spade_lib.trace import trace
 
     spec = get_method(method)
     spec.resolve(options)
     x = _check_images(images)
+    device = _device(model, x.device)
     if spec.check is not None:
-        spec.check(model, x[:1].to(_device(model, x.device)))
+        spec.check(model, x[:1].to(device))
+    targets = _logit_targets(_private_copy(model), x.to(device), target)
     kwargs = {} if spade is True else dict(spade)
-    targets = torch.as_tensor(target).flatten()
-    if targets.numel() == 1:
-        targets = targets.expand(x.shape[0])
-    if targets.numel() != x.shape[0]:
-        raise ValueError(f"target must be one class or {x.shape[0]} classes, got "
-                         f"{targets.numel()}")
     start = time.perf_counter()
     maps, reports, infos, last = [], [], [], None
     for i in range(x.shape[0]):

@@ -372,3 +372,12 @@ def test_spade_keeps_every_image_s_info(model: nn.Module) -> None:
     assert attr.info["completeness_gap"].shape == attr.info["convergence_delta"].shape == (2,)
     lime = attribute(model, _images(2, side=16), [1, 4], "Lime", spade=spade, n_samples=20)
     assert lime.info["segmentation"] == ["slic", "slic"] and len(lime.info["n_superpixels"]) == 2
+
+
+@pytest.mark.parametrize(("target", "match"), [
+    (10, r"target \[10\] out of range; the model has 10"), ([1, 2, 3], "one int or 2 ints")])
+def test_spade_checks_the_targets_before_pruning(model: nn.Module, monkeypatch: pytest.MonkeyPatch,
+                                                 target: object, match: str) -> None:
+    _no_pruning(monkeypatch)
+    with pytest.raises(ValueError, match=match):
+        attribute(model, _images(2, side=16), target, "Saliency", spade=True)
