@@ -10,6 +10,12 @@ the other convolutions, epsilon on dense layers, BatchNorm merged into the prece
 every residual addition made an explicit module (:func:`lrp_canonizers`). LRP is refused on networks
 with other activations than ReLU, as in the paper.
 
+Before any work, a method's check (:class:`Method`) refuses a network it cannot run on, found in one
+forward pass of a private copy: activations applied as functions (DeepLift, the guided methods), an
+activation module run twice (DeepLift), residual additions LRP cannot canonize. Methods whose map
+should sum to a score change (DeepLift, IntegratedGradients, GradientShap in expectation, LRP with
+``zero_bias=True``) record how far it misses and warn (:class:`CompletenessWarning`).
+
 The caller's network is never changed: every method runs on a deep copy in eval mode, so hooks,
 canonizers and ``requires_grad`` changes never reach the original. Seeded methods (Lime,
 GradientShap) draw their randomness inside a forked RNG state, per sample, so a sample's map depends
@@ -24,8 +30,10 @@ Choices (defaults; every one is an option of :func:`attribute`):
   Gauss-Legendre steps.
 - GuidedGradCam uses the output of the last convolutional stage (:func:`default_cam_layer`),
   upsampled by nearest neighbour (Captum's default), or any module named by ``layer=``.
-- Lime: SLIC superpixels (``n_segments=50``, ``compactness=10``) from scikit-image, 200 samples,
-  switched-off superpixels set to 0, Captum's Lasso (``alpha=0.01``) and similarity kernel.
+- Lime: SLIC superpixels (``n_segments=50``, ``compactness=10``) from scikit-image, or a grid of
+  about as many cells where SLIC returns fewer than a quarter of them (:func:`grid_segments`),
+  200 samples, switched-off superpixels set to 0, Captum's Lasso (``alpha=0.01``) and similarity
+  kernel.
 - Occlusion: a black square of side ``max(2, side // 8)`` over all channels, stride half of it
   (4 and 2 at 32 px, 28 and 14 at 224 px). Occlusion and IntegratedGradients run about
   :data:`IMAGES_PER_PASS` images per forward pass (options ``perturbations_per_eval`` and
@@ -40,6 +48,8 @@ Choices (defaults; every one is an option of :func:`attribute`):
 from __future__ import annotations
 
 import copy
+import functools
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -58,9 +68,9 @@ from spade_lib.metrics import AGGREGATIONS, aggregate
 
 __all__ = [
     "DESCRIPTIONS", "GROUPS", "GROUP_NAMES", "IMAGES_PER_PASS", "METHODS", "Attribution", "Method",
-    "attribute", "available", "check_lrp_supported", "default_cam_layer", "get_method",
-    "gradient_shap_baselines", "lrp_canonizers", "lrp_composite", "lrp_relevance",
-    "methods_table", "occlusion_window", "register", "superpixels",
+    "CompletenessWarning", "attribute", "available", "check_lrp_supported", "default_cam_layer",
+    "get_method", "gradient_shap_baselines", "grid_segments", "lrp_canonizers", "lrp_composite",
+    "lrp_relevance", "methods_table", "occlusion_window", "register", "superpixels",
 ]
 
 GROUP_NAMES = ("gradient", "perturbation", "mixed")
@@ -89,7 +99,9 @@ class Method:
     fn
         ``fn(model, images, targets, options) -> (map [N, C, H, W], info)``.
     check
-        Optional test of the network, run before any work (raises ``ValueError``).
+        Optional test of the network, ``check(model, images)``, run before any work (raises
+        ``ValueError``); ``images`` ``[N, C, H, W]`` (on the model's device) lets it run one
+        forward pass on a private copy, ``None`` restricts it to the modules' types.
     """
 
     name: str
@@ -99,7 +111,7 @@ class Method:
     defaults: Mapping[str, Any]
     seeded: bool
     fn: MethodFn
-    check: Callable[[nn.Module], None] | None = None
+    check: Callable[[nn.Module, Tensor | None], None] | None = None
 
     def resolve(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """The defaults updated with ``options``; an unknown option name is a ``ValueError``."""
@@ -115,7 +127,8 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, group: str, description: str, library: str = "captum",
-             seeded: bool = False, check: Callable[[nn.Module], None] | None = None,
+             seeded: bool = False,
+             check: Callable[[nn.Module, Tensor | None], None] | None = None,
              **defaults: Any) -> Callable[[MethodFn], MethodFn]:
     """Decorator that adds a method function to the registry under ``name``.
 
@@ -153,11 +166,14 @@ def available() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def supported_methods(model: nn.Module, methods: Sequence[str] | None = None) -> list[str]:
+def supported_methods(model: nn.Module, methods: Sequence[str] | None = None,
+                      images: Tensor | None = None) -> list[str]:
     """The methods (default :data:`METHODS`) whose network check accepts ``model``.
 
-    Only LRP has such a check so far: it needs a network of plain ReLUs (the paper leaves it out
-    for MobileNetV2 and ConvNeXt).
+    Without ``images`` only the module types are checked: LRP needs a network of plain ReLUs (the
+    paper leaves it out for MobileNetV2 and ConvNeXt). With ``images`` ``[N, C, H, W]`` one
+    forward pass also finds functional activations (refused by DeepLift and the guided methods),
+    reused activation modules (DeepLift) and residual additions LRP cannot canonize.
     """
     names = list(METHODS if methods is None else methods)
     out = []
@@ -167,7 +183,7 @@ def supported_methods(model: nn.Module, methods: Sequence[str] | None = None) ->
             out.append(name)
             continue
         try:
-            check(model)
+            check(model, images)
         except ValueError:
             continue
         out.append(name)
@@ -206,9 +222,12 @@ class Attribution:
         Grad-CAM layer or the occlusion window).
     info
         Method-specific by-products: LRP's ``output_relevance`` per sample (the target logits
-        it started from), Lime's ``n_superpixels``, IntegratedGradients' ``convergence_delta``,
-        the guided methods' ``guided_relus`` (number of ``nn.ReLU`` modules Captum modified;
-        0 on ReLU6/GELU networks, where the guided methods reduce to plain gradients).
+        it started from), Lime's ``n_superpixels`` and ``segmentation`` (``"slic"`` or
+        ``"grid"``) per sample, IntegratedGradients' ``convergence_delta``, the guided methods'
+        ``guided_relus`` (number of ``nn.ReLU`` modules Captum modified; 0 on ReLU6/GELU
+        networks, where the guided methods reduce to plain gradients), and
+        ``completeness_gap`` and ``completeness_tolerance`` ``[N]`` of the methods whose map
+        should sum to a score change (see :func:`attribute`).
     seconds
         Wall time of the call.
     """
@@ -306,18 +325,6 @@ def _check_target(target: Any, n: int, num_classes: int, device: torch.device) -
     return t.to(device=device, dtype=torch.long)
 
 
-def _num_classes(model: nn.Module, x: Tensor) -> int:
-    """Number of classes of ``model``: one forward pass on ``x[:1]`` without gradients, in eval
-    mode (each module's flag restored), to check targets before any work."""
-    from spade_lib.pruning import eval_mode
-
-    with eval_mode(model), torch.no_grad():
-        out = model(x[:1].to(_device(model, x.device)))
-    if out.dim() != 2:
-        raise ValueError(f"the model must return logits [N, K], got shape {tuple(out.shape)}")
-    return out.shape[1]
-
-
 def _check_positive_int(options: Mapping[str, Any], *names: str) -> None:
     for name in names:
         value = options[name]
@@ -328,6 +335,256 @@ def _check_positive_int(options: Mapping[str, Any], *names: str) -> None:
 _CAPTUM_NOTICES = ("Setting .*hooks", "Input Tensor .* did not already require",
                    "You are providing multiple inputs for Lime")
 """Captum warnings that are expected here (hooks on activations, inputs without grad)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Preconditions: what one forward pass shows of the network
+# --------------------------------------------------------------------------------------------
+
+_ACTIVATION_FUNCTIONS = frozenset({
+    "relu", "relu_", "relu6", "elu", "elu_", "selu", "selu_", "celu", "celu_", "leaky_relu",
+    "leaky_relu_", "prelu", "rrelu", "rrelu_", "gelu", "silu", "mish", "sigmoid", "sigmoid_",
+    "tanh", "tanh_", "softplus", "softsign", "hardtanh", "hardtanh_", "hardswish",
+    "hardsigmoid", "logsigmoid", "threshold", "threshold_", "glu",
+})
+"""Names of the torch functions (``torch.relu``, ``F.relu``, ``Tensor.relu``, ...) that apply an
+activation; called from a module other than the activation module a method handles, it is a
+functional activation."""
+
+_BRANCH_OPS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__",
+                         "sub", "sub_", "__sub__", "__rsub__", "__isub__"})
+"""Element-wise additions and subtractions: with two input-dependent operands, a merge of two
+branches (a residual connection)."""
+
+
+@dataclass
+class _Census:
+    """What one forward pass ran.
+
+    Attributes
+    ----------
+    calls
+        Module name -> number of times the module ran.
+    activations
+        ``(function, module name, module)`` of every activation function applied (see
+        :data:`_ACTIVATION_FUNCTIONS`), with the innermost running module, which called it.
+    additions
+        Name of the module whose own forward added or subtracted two tensors that both depend
+        on the input, once per such operation.
+    """
+
+    calls: dict[str, int] = field(default_factory=dict)
+    activations: list[tuple[str, str, nn.Module | None]] = field(default_factory=list)
+    additions: list[str] = field(default_factory=list)
+
+
+class _Recorder(torch.overrides.TorchFunctionMode):
+    """Records activation functions and branch merges with the innermost running module."""
+
+    def __init__(self, census: _Census, stack: list[tuple[str, nn.Module]]) -> None:
+        super().__init__()
+        self.census, self.stack = census, stack
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        name = getattr(func, "__name__", "")
+        where, module = self.stack[-1] if self.stack else ("", None)
+        if name in _ACTIVATION_FUNCTIONS:
+            self.census.activations.append((name, where, module))
+        elif name in _BRANCH_OPS and sum(isinstance(a, Tensor) and a.requires_grad
+                                         for a in args[:2]) == 2:
+            self.census.additions.append(where)
+        return func(*args, **(kwargs or {}))
+
+
+def _census(model: nn.Module, images: Tensor, canonizers: list[Any] | None = None) -> _Census:
+    """Run a private copy of ``model`` once on ``images`` ``[N, C, H, W]`` and record what ran.
+
+    In the pass only the input requires grad (the copy's parameters are frozen, also after the
+    canonizers), so an addition of two tensors that both require it merges two branches computed
+    from the input.
+    ``canonizers`` (zennit's) are applied to the copy first. ``model`` is not changed.
+    """
+    from zennit.canonizers import CompositeCanonizer
+
+    work = _private_copy(model)
+    census, stack = _Census(), []
+
+    def enter(name: str, module: nn.Module) -> None:
+        census.calls[name] = census.calls.get(name, 0) + 1
+        stack.append((name, module))
+
+    def leave(module: nn.Module, inputs: Any, output: Any) -> None:
+        stack.pop()
+
+    handles = [h for name, module in work.named_modules() for h in (
+        module.register_forward_pre_hook(lambda m, i, name=name: enter(name, m)),
+        module.register_forward_hook(leave))]
+    instances = CompositeCanonizer(canonizers).apply(work) if canonizers else []
+    for p in work.parameters():  # zennit's merge gives bias-free layers a new, trainable bias
+        p.requires_grad_(False)
+    x = images.detach().to(_device(work, images.device)).requires_grad_(True).clone()
+    try:
+        with torch.enable_grad(), _Recorder(census, stack):
+            work(x)
+    finally:
+        for handle in [*handles, *instances]:
+            handle.remove()
+    return census
+
+
+def _where(name: str) -> str:
+    return f"module {name!r}" if name else "the model's own forward"
+
+
+def _refuse_functional(method: str, census: _Census,
+                       handled: Callable[[str, nn.Module | None], bool], why: str,
+                       allowed: str) -> None:
+    """``ValueError`` naming the first activation function the method does not handle:
+    ``handled(function, module)`` says whether ``module`` applying ``function`` is fine."""
+    calls = [(f, w) for f, w, m in census.activations if not handled(f, m)]
+    if calls:
+        (function, where), n = calls[0], len(calls)
+        raise ValueError(f"{method} cannot run on this model: it applies the activation function "
+                         f"{function} outside an activation module ({n} such call(s), the first "
+                         f"in {_where(where)}); {why}. Allowed: {allowed}.")
+
+
+def _deeplift_check(model: nn.Module, images: Tensor | None) -> None:
+    """DeepLift's check: every activation function runs inside a torch activation module (Captum's
+    rescale rule reaches modules only), and no module Captum's DeepLift hooks runs twice in one
+    pass (it keeps one input and output per module, and would fail only after the work).
+    Activation modules it has no rule for (GELU, ReLU6) pass: their error shows in the
+    completeness gap."""
+    from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
+
+    if images is None:
+        return
+    census = _census(model, images)
+    _refuse_functional("DeepLift", census,
+                       lambda f, m: type(m).__module__ == "torch.nn.modules.activation",
+                       "Captum's DeepLift applies its rule only to activation modules, so the "
+                       "map would not sum to f(x) - f(baseline)",
+                       "activations as modules (nn.ReLU(), ...) attributes of the model")
+    modules = dict(model.named_modules())
+    for name, count in census.calls.items():
+        if count > 1 and type(modules[name]) in SUPPORTED_NON_LINEAR:
+            raise ValueError(f"DeepLift cannot run on this model: {_where(name)} "
+                             f"({type(modules[name]).__name__}) runs {count} times in one forward "
+                             f"pass, and Captum's DeepLift keeps one input and output per "
+                             f"activation module. Allowed: one activation module per use "
+                             f"(spade_lib.models.make_attribution_safe rewires torchvision's "
+                             f"ResNet blocks).")
+
+
+def _guided_check(method: str) -> Callable[[nn.Module, Tensor | None], None]:
+    """The guided methods' check: no ReLU applied outside an ``nn.ReLU`` module."""
+
+    def check(model: nn.Module, images: Tensor | None) -> None:
+        if images is not None:
+            _refuse_functional(method, _census(model, images),
+                               lambda f, m: f not in ("relu", "relu_") or isinstance(m, nn.ReLU),
+                               "Captum guides only nn.ReLU modules, so that ReLU would pass "
+                               "plain gradients", "ReLUs as nn.ReLU() attributes of the model")
+
+    return check
+
+
+# --------------------------------------------------------------------------------------------
+# Completeness: a map that should sum to f(x) - f(baseline)
+# --------------------------------------------------------------------------------------------
+
+class CompletenessWarning(UserWarning):
+    """A map's sum misses the score change it should add up to by more than the tolerance of its
+    method (see :func:`attribute`, info ``completeness_gap``)."""
+
+
+_UNIT_ROUNDOFF = 2.0 ** -24
+"""Unit roundoff of float32."""
+
+IG_COMPLETENESS_RTOL = 0.05
+"""IntegratedGradients' tolerance on ``completeness_gap``: Sundararajan et al. (2017), "Axiomatic
+Attribution for Deep Networks", choose the number of steps so that the attributions add up to
+within 5% of the score change."""
+
+LRP_COMPLETENESS_RTOL = 0.01
+"""LRP's (``zero_bias=True``) tolerance on ``completeness_gap``: its rules conserve relevance up to
+their stabilisers, except that z-plus passes nothing on from a neuron without positive input. That
+loss has no bound known before the pass; on random ResNets with weights of both signs it stays well
+under 1% (``test_lrp_conservation_on_general_weights``), while a layer the rules do not cover is
+of order 1 (a missed residual addition doubles the relevance). 1% separates the two; it is a
+choice, not a bound."""
+
+GRADIENT_SHAP_Z = 5.0
+"""GradientShap's tolerance on the mean of its per-sample completeness gaps, in standard errors of
+that mean: with ``n_samples`` 25 a sound network exceeds it with probability about 4e-5 (Student's
+t, 24 degrees of freedom; 4e-3 with 6 samples)."""
+
+
+def _completeness(model: nn.Module, x: Tensor, t: Tensor, attr: Tensor, gap: Tensor,
+                  allowance: Tensor, fx: Tensor | None = None) -> dict[str, Tensor]:
+    """Completeness entries of a method's info, per image ``[N]``.
+
+    Parameters
+    ----------
+    x, t, attr
+        Images ``[N, C, H, W]``, targets ``[N]`` and the map ``[N, C, H, W]``.
+    gap
+        ``sum(map) - D`` per image ``[N]``, where ``D`` is the score change the map should sum
+        to (``f(x) - f(baseline)`` for the target logit ``f``).
+    allowance
+        What the method may miss ``D`` by, absolute, ``[N]``.
+    fx
+        The target logits ``f(x)`` ``[N]`` if known; computed with ``model`` otherwise.
+
+    Returns
+    -------
+    dict
+        ``completeness_gap``: ``gap / |D|``; ``completeness_tolerance``: ``(allowance + r) /
+        |D|``, where ``r = 2 (L + ceil(log2 n)) u (sum|map| + |f(x)| + |f(x) - D|)`` bounds
+        float32 rounding (``u = 2**-24``; each of the ``L`` leaf modules rounds every term once
+        forward and once backward, summing ``n = C H W`` values adds ``log2 n`` roundings).
+    """
+    if fx is None:
+        with torch.no_grad():
+            fx = model(x).gather(1, t[:, None])[:, 0]
+    fx = fx.detach().double()
+    gap, total = gap.detach().double(), attr.detach().double().flatten(1)
+    change = total.sum(1) - gap
+    depth = sum(1 for m in model.modules() if next(m.children(), None) is None)
+    k = 2 * (depth + math.ceil(math.log2(total.shape[1])))
+    rounding = k * _UNIT_ROUNDOFF * (total.abs().sum(1) + fx.abs() + (fx - change).abs())
+    scale = change.abs()
+    relative = torch.where(gap == 0, torch.zeros_like(gap), gap / scale)
+    return {"completeness_gap": relative.to(x.dtype),
+            "completeness_tolerance": ((allowance.double() + rounding) / scale).to(x.dtype)}
+
+
+_COMPLETENESS_HINTS = {
+    "DeepLift": "the network has operations Captum's DeepLift passes gradients through "
+                "(activations other than ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus; norms; "
+                "products of branches)",
+    "IntegratedGradients": "raise n_steps (the quadrature error falls about as 1/n_steps)",
+    "GradientShap": "the gradients do not integrate to the score (e.g. a detached or "
+                    "non-differentiable operation in the forward pass), or raise n_samples",
+    "LRP": "relevance is created or lost on its way; look for residual additions or layers "
+           "without an LRP rule",
+}
+
+
+def _warn_incomplete(method: str, info: Mapping[str, Any]) -> None:
+    """Warn (:class:`CompletenessWarning`) if an image's gap exceeds its tolerance.
+
+    The message is the same for every call of a method (the numbers are in ``info``), so the
+    default warning filter shows it once per call site, not once per image of a loop.
+    """
+    if "completeness_gap" not in info:
+        return
+    if not (info["completeness_gap"].abs() <= info["completeness_tolerance"]).all():
+        warnings.warn(f"{method}: a map misses the score change it should sum to by more than its "
+                      f"tolerance (see info['completeness_gap'] and "
+                      f"info['completeness_tolerance']); {_COMPLETENESS_HINTS.get(method, '')}",
+                      CompletenessWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,11 +610,13 @@ def _input_x_gradient(model: nn.Module, x: Tensor, t: Tensor,
 
 @register("DeepLift", "gradient", "Compares each neuron's activation with its activation on a "
           "reference image (black here) and propagates the differences back to the pixels.",
-          baseline=0.0)
+          check=_deeplift_check, baseline=0.0)
 def _deeplift(model: nn.Module, x: Tensor, t: Tensor, o: dict[str, Any]) -> tuple[Tensor, dict]:
     from captum.attr import DeepLift
 
-    return DeepLift(model).attribute(x, target=t, baselines=float(o["baseline"])), {}
+    attr, delta = DeepLift(model).attribute(x, target=t, baselines=float(o["baseline"]),
+                                            return_convergence_delta=True)
+    return attr, _completeness(model, x, t, attr, delta, torch.zeros_like(delta))
 
 
 def _relu_count(model: nn.Module) -> int:
@@ -366,7 +625,8 @@ def _relu_count(model: nn.Module) -> int:
 
 
 @register("GuidedBackprop", "gradient", "Backpropagates only positive gradients through each "
-          "ReLU, which removes much of the plain gradient's noise.")
+          "ReLU, which removes much of the plain gradient's noise.",
+          check=_guided_check("GuidedBackprop"))
 def _guided_backprop(model: nn.Module, x: Tensor, t: Tensor,
                      o: dict[str, Any]) -> tuple[Tensor, dict]:
     from captum.attr import GuidedBackprop
@@ -379,12 +639,15 @@ def _guided_backprop(model: nn.Module, x: Tensor, t: Tensor,
 _LRP_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
-def check_lrp_supported(model: nn.Module) -> None:
-    """Raise ``ValueError`` unless every activation of ``model`` is an ``nn.ReLU``.
+def check_lrp_supported(model: nn.Module, images: Tensor | None = None) -> None:
+    """Raise ``ValueError`` unless LRP's rules cover ``model``.
 
-    The z-plus rule assumes non-negative activations from ReLUs, and layer or group norms have no
-    LRP rule here; the paper runs LRP only on its ResNet. Residual blocks of other kinds than those
-    in :func:`lrp_canonizers` are not detected: their additions would pass relevance as gradients.
+    Every activation must be an ``nn.ReLU``: the z-plus rule assumes non-negative activations
+    from ReLUs, and layer or group norms have no LRP rule here; the paper runs LRP only on its
+    ResNet. With ``images`` ``[N, C, H, W]``, one forward pass of a canonized private copy also
+    finds additions of two branches left in a module's forward (residual blocks of other kinds
+    than those in :func:`lrp_canonizers`): each would hand its full relevance to both branches,
+    doubling it, so the module is named in the error.
     """
     from zennit.types import Activation
 
@@ -394,12 +657,30 @@ def check_lrp_supported(model: nn.Module) -> None:
     if bad:
         raise ValueError(f"LRP needs a ReLU network with BatchNorm only (the paper excludes LRP "
                          f"elsewhere); this model has {', '.join(bad)}. Use another method.")
+    if images is None:
+        return
+    additions = _census(model, images, lrp_canonizers()).additions
+    if additions:
+        module = dict(model.named_modules())[additions[0]]
+        raise ValueError(
+            f"LRP cannot run on this model: {_where(additions[0])} ({type(module).__name__}) adds "
+            f"two branches computed from the input ({len(additions)} such addition(s) in the "
+            f"model), which lrp_canonizers() does not turn into a Sum module, so its relevance "
+            f"would go in full to both branches. Allowed residual blocks: "
+            f"spade_lib.models.BasicBlock, torchvision's BasicBlock and Bottleneck; or use "
+            f"another method.")
 
 
 def _basic_block_forward(self: nn.Module, x: Tensor) -> Tensor:
     out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
     out = self.canonizer_sum(torch.stack([self.shortcut(x), out], dim=-1))
     return self.relu2(out)
+
+
+def _safe_tv_basic_block_forward(self: nn.Module, x: Tensor) -> Tensor:
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+    return self.relu2(self.canonizer_sum(torch.stack([identity, out], dim=-1)))
 
 
 def _safe_bottleneck_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -410,21 +691,45 @@ def _safe_bottleneck_forward(self: nn.Module, x: Tensor) -> Tensor:
     return self.relu3(self.canonizer_sum(torch.stack([identity, out], dim=-1)))
 
 
+@functools.cache
+def _exact_merge_batch_norm() -> type:
+    """zennit's ``SequentialMergeBatchNorm`` whose merged BatchNorm is an identity for any eps.
+
+    zennit leaves the BatchNorm with mean 0, variance 1, weight 1 and bias 0, which computes
+    ``x / sqrt(1 + eps)``: each merged BatchNorm scales its output by about ``1 - eps / 2``
+    (4.7% at eps 0.1; a ResNet-20's logits end up 9% off). Here the weight becomes
+    ``sqrt(1 + eps)``, so the BatchNorm computes ``x`` up to float rounding, for any eps (a
+    variance of ``1 - eps`` would need eps < 1). zennit's ``remove`` restores every parameter.
+    """
+    from zennit.canonizers import SequentialMergeBatchNorm
+
+    class ExactMergeBatchNorm(SequentialMergeBatchNorm):
+        @staticmethod
+        def merge_batch_norm(modules: list[nn.Module], batch_norm: nn.Module) -> None:
+            SequentialMergeBatchNorm.merge_batch_norm(modules, batch_norm)
+            batch_norm.weight.data = torch.full_like(batch_norm.weight.data,
+                                                     math.sqrt(1.0 + batch_norm.eps))
+
+    return ExactMergeBatchNorm
+
+
 def lrp_canonizers() -> list[Any]:
     """The canonizers LRP runs with, in order.
 
     1. ``SequentialMergeBatchNorm``: every BatchNorm that directly follows a convolution is merged
-       into it (the BatchNorm becomes the identity). This relies on modules being registered in
-       forward order, which holds for every network in :mod:`spade_lib.models`.
+       into it (the BatchNorm becomes the identity, see :func:`_exact_merge_batch_norm`). This
+       relies on modules being registered in forward order, which holds for every network in
+       :mod:`spade_lib.models`.
     2. A residual canonizer: the blocks' ``out + shortcut`` becomes a ``zennit.layer.Sum`` module
        over the stacked pair, which gets the proportional (``Norm``) rule, so the relevance of a
        block's output is split between the two branches in proportion to their values. It covers
        :class:`spade_lib.models.BasicBlock`, torchvision's ``BasicBlock`` and ``Bottleneck``
-       (including the three-ReLU form made by :func:`spade_lib.models.make_attribution_safe`).
+       (including the forms with one ReLU per use made by
+       :func:`spade_lib.models.make_attribution_safe`).
 
     All changes are undone when the zennit composite is removed.
     """
-    from zennit.canonizers import AttributeCanonizer, SequentialMergeBatchNorm
+    from zennit.canonizers import AttributeCanonizer
     from zennit.layer import Sum
     from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
 
@@ -439,17 +744,15 @@ def lrp_canonizers() -> list[Any]:
             forward = _safe_bottleneck_forward
         elif isinstance(module, tv.Bottleneck):
             forward = ResNetBottleneckCanonizer.forward
+        elif isinstance(module, tv.BasicBlock) and hasattr(module, "relu1"):
+            forward = _safe_tv_basic_block_forward
         elif isinstance(module, tv.BasicBlock):
             forward = ResNetBasicBlockCanonizer.forward
         else:
             return None
         return {"forward": forward.__get__(module), "canonizer_sum": Sum()}
 
-    return [SequentialMergeBatchNorm(), AttributeCanonizer(attribute_map)]
-
-
-def _lrp_check(model: nn.Module) -> None:
-    check_lrp_supported(model)
+    return [_exact_merge_batch_norm()(), AttributeCanonizer(attribute_map)]
 
 
 def lrp_composite(low: float = 0.0, high: float = 1.0, epsilon: float = 1e-6,
@@ -517,13 +820,18 @@ def lrp_relevance(model: nn.Module, x: Tensor, t: Tensor, composite: Any) -> tup
 @register("LRP", "gradient", "Layer-wise relevance propagation: the class score is redistributed "
           "layer by layer onto the inputs, each neuron passing its relevance to the neurons that "
           "contributed to it (box rule on the first layer, z-plus on convolutions, epsilon on "
-          "dense layers).", library="zennit", check=_lrp_check,
+          "dense layers).", library="zennit", check=check_lrp_supported,
           low=0.0, high=1.0, epsilon=1e-6, stabilizer=1e-6, zero_bias=False)
 def _lrp(model: nn.Module, x: Tensor, t: Tensor, o: dict[str, Any]) -> tuple[Tensor, dict]:
     composite = lrp_composite(o["low"], o["high"], o["epsilon"], o["stabilizer"],
                               bool(o["zero_bias"]))
     relevance, start = lrp_relevance(model, x, t, composite)
-    return relevance, {"output_relevance": start}
+    info = {"output_relevance": start}
+    if o["zero_bias"]:
+        gap = relevance.detach().flatten(1).sum(1) - start
+        info.update(_completeness(model, x, t, relevance, gap,
+                                  LRP_COMPLETENESS_RTOL * start.abs(), fx=start))
+    return relevance, info
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,7 +871,7 @@ def default_cam_layer(model: nn.Module, images: Tensor) -> str:
 
 @register("GuidedGradCam", "perturbation", "Guided backpropagation multiplied by Grad-CAM, the "
           "class-gradient-weighted activation map of the last convolutional stage upsampled to the "
-          "input.", layer=None, interpolate_mode="nearest")
+          "input.", check=_guided_check("GuidedGradCam"), layer=None, interpolate_mode="nearest")
 def _guided_grad_cam(model: nn.Module, x: Tensor, t: Tensor,
                      o: dict[str, Any]) -> tuple[Tensor, dict]:
     from captum.attr import GuidedGradCam
@@ -599,6 +907,35 @@ def superpixels(image: Tensor, n_segments: int, compactness: float) -> Tensor:
     return torch.as_tensor(labels, dtype=torch.long)
 
 
+def grid_segments(height: int, width: int, n_segments: int) -> Tensor:
+    """Labels ``[H, W]`` (int64, from 0) of a grid of about ``n_segments`` near-square cells.
+
+    ``rows = round(sqrt(n H / W))`` and ``cols = round(n / rows)``, each clipped to
+    ``[1, side]``; cell ``(r, c)`` has label ``r * cols + c``.
+    """
+    rows = min(height, max(1, round(math.sqrt(n_segments * height / width))))
+    cols = min(width, max(1, round(n_segments / rows)))
+    r = torch.arange(height) * rows // height
+    c = torch.arange(width) * cols // width
+    return r[:, None] * cols + c[None, :]
+
+
+def _lime_segments(image: Tensor, n_segments: int, compactness: float) -> tuple[Tensor, str]:
+    """Lime's features of one image ``[C, H, W]``: SLIC superpixels, or a grid where SLIC
+    collapses.
+
+    SLIC seeds a grid of about ``n_segments`` cells; on images with structure it returns about
+    half to one and a half times that many superpixels. Fewer than a quarter (at least 2) means its
+    clusters merged (noise at a few pixels per cell returns a single superpixel, and Lime's map is
+    then flat): :func:`grid_segments` is used instead. Returns the labels ``[H, W]`` and ``"slic"``
+    or ``"grid"``.
+    """
+    labels = superpixels(image, n_segments, compactness)
+    if int(labels.max()) + 1 >= max(2, math.ceil(n_segments / 4)):
+        return labels, "slic"
+    return grid_segments(image.shape[1], image.shape[2], n_segments), "grid"
+
+
 @register("Lime", "perturbation", "Switches random sets of superpixels off, fits a sparse linear "
           "model of the class score on which superpixels were kept, and reads each superpixel's "
           "importance from its weight.", seeded=True,
@@ -613,17 +950,19 @@ def _lime(model: nn.Module, x: Tensor, t: Tensor, o: dict[str, Any]) -> tuple[Te
         raise ValueError(f"option alpha (the Lasso penalty) must be a number >= 0, got "
                          f"{o['alpha']!r}")
     lime = Lime(model, interpretable_model=SkLearnLasso(alpha=float(o["alpha"])))
-    maps, counts = [], []
+    maps, counts, kinds = [], [], []
     for i in range(x.shape[0]):
-        labels = superpixels(x[i], int(o["n_segments"]), float(o["compactness"])).to(x.device)
+        labels, kind = _lime_segments(x[i], int(o["n_segments"]), float(o["compactness"]))
+        labels = labels.to(x.device)
         counts.append(int(labels.max()) + 1)
+        kinds.append(kind)
         mask = labels[None, None].expand(1, x.shape[1], -1, -1)
         with _seeded(int(o["seed"]), x.device):
             maps.append(lime.attribute(
                 x[i:i + 1], target=int(t[i]), feature_mask=mask, baselines=float(o["baseline"]),
                 n_samples=int(o["n_samples"]),
                 perturbations_per_eval=int(o["perturbations_per_eval"])))
-    return torch.cat(maps), {"n_superpixels": counts}
+    return torch.cat(maps), {"n_superpixels": counts, "segmentation": kinds}
 
 
 # --------------------------------------------------------------------------------------------
@@ -683,7 +1022,9 @@ def _integrated_gradients(model: nn.Module, x: Tensor, t: Tensor,
         x, target=t, baselines=float(o["baseline"]), n_steps=int(o["n_steps"]),
         method=o["method"], internal_batch_size=max(o["internal_batch_size"], x.shape[0]),
         return_convergence_delta=True)
-    return attr, {"convergence_delta": delta.detach()}
+    change = attr.detach().flatten(1).sum(1) - delta
+    info = _completeness(model, x, t, attr, delta, IG_COMPLETENESS_RTOL * change.abs())
+    return attr, {"convergence_delta": delta.detach(), **info}
 
 
 def gradient_shap_baselines(like: Tensor, n_noise: int, seed: int) -> Tensor:
@@ -707,13 +1048,19 @@ def _gradient_shap(model: nn.Module, x: Tensor, t: Tensor,
                          f"{o['n_noise_baselines']!r}")
     baselines = gradient_shap_baselines(x, o["n_noise_baselines"], int(o["seed"]))
     shap = GradientShap(model)
-    maps = []
+    maps, gaps, errors = [], [], []
     for i in range(x.shape[0]):
         with _seeded(int(o["seed"]), x.device):
-            maps.append(shap.attribute(x[i:i + 1], baselines=baselines, target=int(t[i]),
-                                       n_samples=int(o["n_samples"]),
-                                       stdevs=float(o["stdevs"])))
-    return torch.cat(maps), {}
+            attr, delta = shap.attribute(x[i:i + 1], baselines=baselines, target=int(t[i]),
+                                         n_samples=int(o["n_samples"]),
+                                         stdevs=float(o["stdevs"]), return_convergence_delta=True)
+        maps.append(attr)
+        gaps.append(delta.mean())
+        errors.append(delta.std() / math.sqrt(delta.numel()) if delta.numel() > 1
+                      else torch.tensor(math.inf))
+    attr = torch.cat(maps)
+    gap, allowance = torch.stack(gaps), GRADIENT_SHAP_Z * torch.stack(errors).to(x.device)
+    return attr, _completeness(model, x, t, attr, gap, allowance)
 
 
 # --------------------------------------------------------------------------------------------
@@ -778,24 +1125,36 @@ def attribute(model: nn.Module, images: Tensor, target: int | Sequence[int] | Te
     Raises
     ------
     ValueError
-        Unknown method or option, bad images or target, LRP on a non-ReLU network.
+        Unknown method or option, bad images or target, or a network the method cannot run on,
+        all before any work: LRP on a non-ReLU network or on residual additions it cannot
+        canonize; DeepLift on activations applied as functions or on an activation module run
+        twice; the guided methods on ReLUs applied as functions.
+
+    Warns
+    -----
+    CompletenessWarning
+        DeepLift, IntegratedGradients, GradientShap and LRP with ``zero_bias=True`` record in
+        ``info["completeness_gap"]`` (``[N]``) how far each map's sum misses the score change it
+        should add up to, relative to that change: ``(sum(map) - D) / |D|`` with ``D = f(x) -
+        f(baseline)`` for the target logit ``f`` (GradientShap: its mean over the drawn
+        references and noisy inputs; LRP: ``D = f(x)``). ``info["completeness_tolerance"]``
+        (``[N]``) is float32 rounding (see ``_completeness``) plus the method's own error: none
+        for DeepLift, :data:`IG_COMPLETENESS_RTOL` of ``|D|`` for IntegratedGradients,
+        :data:`GRADIENT_SHAP_Z` standard errors of the mean for GradientShap,
+        :data:`LRP_COMPLETENESS_RTOL` of ``|D|`` for LRP. A gap beyond it warns.
     """
     if spade:
         return _attribute_spade(model, images, target, method, spade, options)
     spec = get_method(method)
     opts = spec.resolve(options)
     x = _check_images(images)
+    device = _device(model, x.device)
+    x = x.to(device)
     if spec.check is not None:
-        spec.check(model)
+        spec.check(model, x[:1])
     start = time.perf_counter()
     work = _private_copy(model)
-    device = _device(work, x.device)
-    x = x.to(device)
-    with torch.no_grad():
-        out = work(x[:1])
-    if out.dim() != 2:
-        raise ValueError(f"the model must return logits [N, K], got shape {tuple(out.shape)}")
-    t = _check_target(target, x.shape[0], out.shape[1], device)
+    t = _logit_targets(work, x, target)
     with torch.enable_grad(), warnings.catch_warnings():
         for message in _CAPTUM_NOTICES:
             warnings.filterwarnings("ignore", message=message)
@@ -803,14 +1162,30 @@ def attribute(model: nn.Module, images: Tensor, target: int | Sequence[int] | Te
     if attr.shape != x.shape:
         raise RuntimeError(f"{spec.name} returned shape {tuple(attr.shape)}, expected "
                            f"{tuple(x.shape)}")
+    _warn_incomplete(spec.name, info)
     return Attribution(map=attr.detach(), method=spec.name, target=t, options=opts, info=info,
                        seconds=time.perf_counter() - start)
+
+
+def _logit_targets(work: nn.Module, x: Tensor, target: Any) -> Tensor:
+    """The checked targets ``[N]`` (int64, on ``x``'s device) of images ``x`` ``[N, C, H, W]``
+    for a network ``work`` (a private copy) that must return logits ``[N, K]``."""
+    with torch.no_grad():
+        out = work(x[:1])
+    if out.dim() != 2:
+        raise ValueError(f"the model must return logits [N, K], got shape {tuple(out.shape)}")
+    return _check_target(target, x.shape[0], out.shape[1], x.device)
 
 
 def _attribute_spade(model: nn.Module, images: Tensor, target: int | Sequence[int] | Tensor,
                      method: str, spade: bool | Mapping[str, Any],
                      options: Mapping[str, Any]) -> Attribution:
-    """SPADE: prune a copy of ``model`` for each image, then attribute on that copy."""
+    """SPADE: prune a copy of ``model`` for each image, then attribute on that copy.
+
+    The method's check and the targets' check run on the dense ``model`` before any pruning
+    (pruning keeps the network's structure). Per-image info entries are joined: tensors
+    concatenated, lists extended, other values kept from the last image.
+    """
     from spade_lib.trace import trace
 
     spec = get_method(method)
@@ -820,18 +1195,35 @@ def _attribute_spade(model: nn.Module, images: Tensor, target: int | Sequence[in
         raise TypeError(f"spade must be None, False, True or a mapping of trace options, got "
                         f"{spade!r}")
     kwargs = {} if spade is True else dict(spade)
+    device = _device(model, x.device)
     if spec.check is not None:
-        spec.check(model)
-    targets = _check_target(target, x.shape[0], _num_classes(model, x), x.device)
+        spec.check(model, x[:1].to(device))
+    targets = _logit_targets(_private_copy(model), x.to(device), target)
     start = time.perf_counter()
-    maps, reports, last = [], [], None
+    maps, reports, infos, last = [], [], [], None
     for i in range(x.shape[0]):
         tr = trace(model, x[i], **kwargs)
         last = attribute(tr.model, x[i:i + 1], int(targets[i]), method, **options)
         maps.append(last.map)
         reports.append(tr.report)
+        infos.append(last.info)
     assert last is not None
     return Attribution(map=torch.cat(maps), method=last.method, target=targets.to(last.target),
                        options={**last.options, "spade": kwargs},
-                       info={**last.info, "traces": reports},
+                       info={**_join_infos(infos), "traces": reports},
                        seconds=time.perf_counter() - start)
+
+
+def _join_infos(infos: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One info from per-image ones: tensors concatenated (0-d ones stacked), lists extended,
+    other values taken from the last."""
+    out: dict[str, Any] = {}
+    for key, value in infos[-1].items():
+        values = [info[key] for info in infos]
+        if isinstance(value, Tensor):
+            out[key] = torch.cat([v.reshape(-1, *v.shape[1:]) for v in values])
+        elif isinstance(value, list):
+            out[key] = [item for v in values for item in v]
+        else:
+            out[key] = value
+    return out

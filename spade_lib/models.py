@@ -181,18 +181,30 @@ def _bottleneck_forward(self: nn.Module, x: Tensor) -> Tensor:
     return self.relu3(out + identity)
 
 
+def _basic_block_forward(self: nn.Module, x: Tensor) -> Tensor:
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu1(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    return self.relu2(out + identity)
+
+
 def make_attribution_safe(model: nn.Module) -> nn.Module:
     """Give every activation its own non-in-place module (in place on ``model``; returns it).
 
-    torchvision's ResNet bottleneck applies one in-place ReLU three times, which breaks DeepLift
-    and guided backprop; it gets three separate ReLUs. Other in-place activations become
-    out-of-place.
+    torchvision's ResNet bottleneck applies one in-place ReLU three times, and its basic block
+    (ResNet-18/34) twice, which breaks DeepLift and guided backprop; they get separate ReLUs
+    (``relu1``, ``relu2``, ``relu3``). Other in-place activations become out-of-place.
     """
+    resnet = torchvision.models.resnet
     for module in model.modules():
-        if isinstance(module, torchvision.models.resnet.Bottleneck):
+        if isinstance(module, resnet.Bottleneck) and hasattr(module, "relu"):
             module.relu1, module.relu2, module.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
             del module.relu
             module.forward = types.MethodType(_bottleneck_forward, module)
+        if isinstance(module, resnet.BasicBlock) and hasattr(module, "relu"):
+            module.relu1, module.relu2 = nn.ReLU(), nn.ReLU()
+            del module.relu
+            module.forward = types.MethodType(_basic_block_forward, module)
         if hasattr(module, "inplace"):
             module.inplace = False
     return model
