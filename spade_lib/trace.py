@@ -111,6 +111,9 @@ def _plan(model: nn.Module, sparsity: schedules.SparsitySpec, pruner: str,
     """Validate everything before work starts; returns the layers to prune and their targets."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if "augment" in options:
+        raise ValueError("the augmentation recipe is passed as recipe=, not augment= (renamed; "
+                         "the config key is still 'augment')")
     pruning.check_method(pruner, options)
     if recipe not in RECIPES:
         raise ValueError(f"unknown augmentation recipe {recipe!r}; valid: {', '.join(RECIPES)}")

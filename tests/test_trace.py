@@ -190,6 +190,8 @@ def test_trace_rejects_bad_arguments_before_work(model, image):
         trace(model, image, sparsity=1.0)
     with pytest.raises(ValueError, match="bogus"):
         trace(model, image, bogus=1)
+    with pytest.raises(ValueError, match="passed as recipe=, not augment="):
+        trace(model, image, augment="convnext")
     with pytest.raises(ValueError, match=r"images\[1\]: .*NaN"):
         trace_batch(model, torch.stack([image, torch.full_like(image, math.nan)]))
 
