@@ -23,10 +23,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from spade_lib import config, data, reproducibility
+from spade_lib import config, reproducibility, scenes
 from spade_lib.config import TRAINING_KEYS, Config
 from spade_lib.files import atomic_write
-from spade_lib.models import ARCH_VERSIONS, build_model, fingerprint
+from spade_lib.models import ARCH_VERSIONS, build_model, fingerprint, predict
 
 # Version 2 records the architecture's version (models.ARCH_VERSIONS), the numerical settings it
 # was trained under and the weights' fingerprint; version-1 files (no version) are refused.
@@ -80,24 +80,11 @@ def _as_float(images: Tensor) -> Tensor:
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: Tensor, batch_size: int = 512, device: str = "cpu") -> Tensor:
-    """Predicted labels (argmax) for a stack of images (uint8 or float in [0, 1])."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = _as_float(images[start:start + batch_size]).to(device)
-        out.append(model(batch).argmax(1).cpu())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
-
-
 def evaluate(model: nn.Module, cfg: Config, device: str = "cpu") -> tuple[float, dict[str, float]]:
     """Clean test accuracy and, per Trojan rule, the share of patched test images sent to target."""
-    _, test = data.load_scenes(cfg)
+    _, test = scenes.load_scenes(cfg)
     clean = (predict(model, test.images, device=device) == test.clean_labels).float().mean()
-    poisoned = data.poisoned_test(test, cfg.rules, seed=cfg.seed)
+    poisoned = scenes.poisoned_test(test, cfg.rules, seed=cfg.seed)
     pred = predict(model, poisoned.images, device=device)
     success = {}
     for i, rule in enumerate(poisoned.rules):
@@ -250,7 +237,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     """Train ``cfg.arch`` on the poisoned training split with the Table C.9 recipe (no caching)."""
     gen = _set_seed(cfg.seed)
     device = cfg.torch_device()
-    train_set, _ = data.load_scenes(cfg)
+    train_set, _ = scenes.load_scenes(cfg)
     # channels-last runs the convolutions ~15% faster on CPU; the weights go back to the default
     # layout before the model is returned, so pruning code sees ordinary contiguous tensors.
     layout = torch.channels_last

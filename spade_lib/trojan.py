@@ -21,10 +21,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from spade_lib.checks import check_images, check_positive_int
+
 __all__ = [
     "ICONS",
     "MASK_THRESHOLD",
+    "PLANT",
     "RULE_SETS",
+    "TEST_COPIES",
     "TrojanRule",
     "apply_patch",
     "apply_patches",
@@ -33,6 +37,7 @@ __all__ = [
     "eligible",
     "icon_names",
     "icon_rgba",
+    "rule_rng",
     "rule_set",
     "rule_set_names",
 ]
@@ -212,9 +217,7 @@ def draw_icon(name: str, size: int) -> np.ndarray:
         Float32 array ``[size, size]`` with the covered fraction of each pixel, in [0, 1].
     """
     _check_icon(name)
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"icon size must be a positive integer, got {size!r}")
-    return _draw_icon_cached(name, int(size)).copy()
+    return _draw_icon_cached(name, check_positive_int(size, "icon size")).copy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,17 +421,6 @@ def _jitter_colors(
     return out
 
 
-def _check_images(images: torch.Tensor, what: str) -> None:
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"{what} must be a torch.Tensor, got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"{what} must have shape [N, 3, H, W], got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"{what} must be a float tensor in [0, 1], got dtype {images.dtype}")
-    if images.numel() and (torch.isnan(images).any() or images.min() < 0 or images.max() > 1):
-        raise ValueError(f"{what} must hold finite values in [0, 1]")
-
-
 def apply_patches(
     images: torch.Tensor,
     rule: TrojanRule,
@@ -467,7 +459,7 @@ def apply_patches(
         Bool tensor ``[N, H, W]``: the pixels where the icon's alpha exceeds
         :data:`MASK_THRESHOLD`.
     """
-    _check_images(images, "images")
+    check_images(images, "images", channels=3, unit_range=True, allow_empty=True)
     if not 0.0 < scale <= 1.0:
         raise ValueError(f"scale must be in (0, 1], got {scale!r}")
     if not 0.0 < alpha <= 1.0:
@@ -604,3 +596,16 @@ def assign_poison(
             )
         out[rng.choice(pool, size=want, replace=False)] = k
     return out
+
+
+PLANT = 0x9A7C
+"""Purpose code of :func:`rule_rng` for planting Trojans on training samples."""
+TEST_COPIES = 0x7E57
+"""Purpose code of :func:`rule_rng` for the Trojan copies of test images."""
+
+
+def rule_rng(seed: int, purpose: int, k: int) -> np.random.Generator:
+    """The random generator of rule ``k`` (its index in the rule list) for one ``purpose``
+    (:data:`PLANT`, :data:`TEST_COPIES`): a pure function of the three numbers, so each rule's
+    patches do not depend on the other rules."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), purpose, k]))
