@@ -121,7 +121,7 @@ def test_unknown_method_and_option(resnet: nn.Module) -> None:
     assert all(name in str(info.value) for name in METHODS)
     with pytest.raises(ValueError, match="Saliency has no option 'n_steps'; allowed: abs"):
         attribute(resnet, x, 0, "Saliency", n_steps=4)
-    with pytest.raises(ValueError, match="n_steps must be a positive int"):
+    with pytest.raises(ValueError, match="option n_steps must be an integer >= 1"):
         attribute(resnet, x, 0, "IntegratedGradients", n_steps=0)
 
 
@@ -246,6 +246,22 @@ def test_occlusion_window_scales_with_the_image(resnet: nn.Module) -> None:
     assert (attr.options["window"], attr.options["stride"]) == (2, 1)
     with pytest.raises(ValueError, match="larger than the image"):
         attribute(resnet, _images(1), 0, "Occlusion", window=SIDE + 1)
+
+
+def test_options_are_resolved_into_a_new_dict(resnet: nn.Module) -> None:
+    """Automatic option values come back from Method.resolve; the caller's dict stays as given."""
+    x = _images(2)
+    given = {"window": None, "stride": 1}
+    resolved = get_method("Occlusion").resolve(given, resnet, x)
+    assert given == {"window": None, "stride": 1}
+    assert resolved == {"window": 2, "stride": 1, "baseline": 0.0, "perturbations_per_eval": 64}
+    assert attribute(resnet, x, 0, "Occlusion", **given).options == resolved
+    assert get_method("Occlusion").resolve(given) == {**given, "baseline": 0.0,
+                                                      "perturbations_per_eval": None}
+    assert get_method("GuidedGradCam").resolve({}, resnet, x)["layer"] == "layers"
+    assert get_method("IntegratedGradients").resolve({}, resnet, x)["internal_batch_size"] == 128
+    with pytest.raises(ValueError, match="option stride must be an integer >= 1"):
+        get_method("Occlusion").resolve({"stride": 0}, resnet, x)
 
 
 def test_lime_maps_are_constant_on_superpixels(resnet: nn.Module) -> None:
