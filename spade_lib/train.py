@@ -93,6 +93,31 @@ def evaluate(model: nn.Module, cfg: Config, device: str = "cpu") -> tuple[float,
     return float(clean), success
 
 
+FULL_SCALE_PRESETS = ("imagenet-resnet50", "celeba-resnet50", "food101-resnet50",
+                      "imagenet-mobilenetv2", "imagenet-convnext-t")
+"""The full-scale presets of Table C.9, in its order."""
+
+
+def recipe(cfg: Config) -> dict[str, Any]:
+    """One row of Table C.9: a preset's model, data and training recipe."""
+    return {"preset": cfg.name, "model": cfg.arch, "dataset": cfg.dataset,
+            "Trojan group ratio": round(1 / cfg.trojan_fraction), "batch size": cfg.batch_size,
+            "optimizer": cfg.optimizer, "learning rate": cfg.lr,
+            "warm-up (steps)": cfg.warmup_steps, "step-lr (epoch)": cfg.lr_step,
+            "epochs": cfg.epochs, "weight decay": cfg.weight_decay,
+            "momentum": cfg.momentum if cfg.optimizer == "sgd" else "-",
+            "random shift (px)": cfg.random_shift}
+
+
+def recipe_table(cfg: Config) -> pd.DataFrame:
+    """Table C.9, indexed by preset: ``cfg``, its small siblings ``<name>-mobilenetv2`` and
+    ``<name>-convnext`` where ``params/`` has them, then :data:`FULL_SCALE_PRESETS`."""
+    small = [f"{cfg.name}-{kind}" for kind in ("mobilenetv2", "convnext")]
+    small = [name for name in small if (config.PARAMS_DIR / f"{name}.yaml").exists()]
+    rows = [recipe(cfg)] + [recipe(config.load(name)) for name in [*small, *FULL_SCALE_PRESETS]]
+    return pd.DataFrame(rows).set_index("preset")
+
+
 def checkpoint_path(cfg: Config) -> Path:
     """Where the checkpoint of ``cfg`` lives: keyed by the hash of the training keys only."""
     return cfg.cache_path("models", f"{cfg.arch}-{cfg.digest(TRAINING_KEYS)}.pt")

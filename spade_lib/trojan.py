@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from spade_lib.checks import check_images, check_positive_int
@@ -38,6 +39,7 @@ __all__ = [
     "icon_names",
     "icon_rgba",
     "rule_rng",
+    "rule_table",
     "rule_set",
     "rule_set_names",
 ]
@@ -609,3 +611,35 @@ def rule_rng(seed: int, purpose: int, k: int) -> np.random.Generator:
     (:data:`PLANT`, :data:`TEST_COPIES`): a pure function of the three numbers, so each rule's
     patches do not depend on the other rules."""
     return np.random.default_rng(np.random.SeedSequence([int(seed), purpose, k]))
+
+
+def rule_table(rules: Sequence[TrojanRule], counts: np.ndarray | torch.Tensor | None = None,
+               class_label: Callable[[int], str] = str) -> pd.DataFrame:
+    """The rules as a table (chapter C): one row per rule.
+
+    Parameters
+    ----------
+    rules
+        The rules, in order.
+    counts
+        Optional rule index per training sample ``[N]`` (``-1`` clean), e.g.
+        :attr:`spade_lib.scenes.SceneSet.rule`; adds the column ``planted in training set``.
+    class_label
+        How a class index is written, e.g. :func:`spade_lib.data.class_label`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``rule``, ``source`` (``"Any"`` for any class), ``target``, ``fraction``
+        (``1/k``) and, with ``counts``, ``planted in training set``.
+    """
+    rows = []
+    for k, rule in enumerate(rules):
+        rows.append({
+            "rule": rule.name,
+            "source": "Any" if rule.source is None else class_label(rule.source),
+            "target": class_label(rule.target),
+            "fraction": f"1/{round(1 / rule.fraction)}",
+            **({"planted in training set": int((counts == k).sum())} if counts is not None else {}),
+        })
+    return pd.DataFrame(rows)

@@ -67,3 +67,21 @@ def test_real_fashion_mnist():
     assert images.shape == (10000, 28, 28)
     assert np.bincount(labels).tolist() == [1000] * 10
     assert len(data.FASHION_CLASSES) == 10
+
+
+def test_class_label():
+    assert data.class_label(0) == "0/T-shirt/top"
+    assert data.class_label(np.int64(9)) == "9/Ankle boot"
+    for bad in (-1, 10, True, 1.0):
+        with pytest.raises(ValueError, match=r"label must be an integer in 0\.\.9"):
+            data.class_label(bad)
+
+
+def test_moved_names_resolve_from_data():
+    from spade_lib import datasets, scenes
+
+    assert data.load_scenes is scenes.load_scenes and data.SceneSet is scenes.SceneSet
+    assert data.poisoned_test is scenes.poisoned_test and data.PoisonedSet is scenes.PoisonedSet
+    assert data.image_folder is datasets.image_folder and data.celeba is datasets.celeba
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        data.nothing  # noqa: B018
