@@ -204,3 +204,16 @@ def test_convnext_checkpoint_of_the_groupnorm_era_is_refused(tmp_path) -> None:
 def test_missing_checkpoint_is_file_not_found(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         train.load_checkpoint(tmp_path / "none.pt", "resnet20")
+
+
+def test_recipe_table() -> None:
+    cfg = config.load("cpu")
+    table = train.recipe_table(cfg)
+    assert list(table.index) == ["cpu", "cpu-mobilenetv2", "cpu-convnext",
+                                 *train.FULL_SCALE_PRESETS]
+    row = table.loc["cpu"]
+    assert row["model"] == cfg.arch and row["epochs"] == cfg.epochs
+    assert row["Trojan group ratio"] == round(1 / cfg.trojan_fraction)
+    assert row["momentum"] == cfg.momentum and table.loc["cpu-convnext", "momentum"] == "-"
+    assert table.loc["imagenet-resnet50", "dataset"] == config.load("imagenet-resnet50").dataset
+    assert list(train.recipe_table(config.load("smoke")).index)[:1] == ["smoke"]
