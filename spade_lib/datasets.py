@@ -92,6 +92,38 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_EXTENSIONS)
 
 
+def _food101_samples(food: Path, split: str) -> tuple[list[tuple[Path, int]], list[str]]:
+    """Samples and classes of Food-101's official layout under ``food`` (``images/``, ``meta/``);
+    ``split`` ``"train"`` reads ``meta/train.txt``, the others ``meta/test.txt``."""
+    images_dir = food / "images"
+    classes_file = food / "meta" / "classes.txt"
+    if classes_file.is_file():
+        classes = [c.strip() for c in classes_file.read_text().splitlines() if c.strip()]
+    elif images_dir.is_dir():
+        classes = sorted(p.name for p in images_dir.iterdir() if p.is_dir())
+    else:
+        raise FileNotFoundError(f"Food-101 image folder {images_dir} does not exist")
+    lookup = {c: i for i, c in enumerate(classes)}
+    list_file = food / "meta" / ("train.txt" if split == "train" else "test.txt")
+    if not list_file.is_file():
+        raise FileNotFoundError(f"Food-101 split list {list_file} does not exist")
+    samples = []
+    for line in list_file.read_text().splitlines():
+        entry = line.strip()
+        if not entry:
+            continue
+        cls = entry.split("/")[0]
+        if cls not in lookup:
+            raise FileNotFoundError(
+                f"{list_file} names class {cls!r}, which is not in {classes_file}"
+            )
+        path = images_dir / (entry if Path(entry).suffix else entry + ".jpg")
+        if not path.is_file():
+            raise FileNotFoundError(f"{list_file} lists {entry}, but {path} does not exist")
+        samples.append((path, lookup[cls]))
+    return samples, classes
+
+
 def image_folder(
     root: str | os.PathLike,
     split: str,
@@ -131,32 +163,7 @@ def image_folder(
     food = next((r for r in (root, root / "food-101") if (r / "meta" / "train.txt").is_file()),
                 None)
     if food is not None:
-        images_dir = food / "images"
-        classes_file = food / "meta" / "classes.txt"
-        if classes_file.is_file():
-            classes = [c.strip() for c in classes_file.read_text().splitlines() if c.strip()]
-        elif images_dir.is_dir():
-            classes = sorted(p.name for p in images_dir.iterdir() if p.is_dir())
-        else:
-            raise FileNotFoundError(f"Food-101 image folder {images_dir} does not exist")
-        lookup = {c: i for i, c in enumerate(classes)}
-        list_file = food / "meta" / ("train.txt" if split == "train" else "test.txt")
-        if not list_file.is_file():
-            raise FileNotFoundError(f"Food-101 split list {list_file} does not exist")
-        samples = []
-        for line in list_file.read_text().splitlines():
-            entry = line.strip()
-            if not entry:
-                continue
-            cls = entry.split("/")[0]
-            if cls not in lookup:
-                raise FileNotFoundError(
-                    f"{list_file} names class {cls!r}, which is not in {classes_file}"
-                )
-            path = images_dir / (entry if Path(entry).suffix else entry + ".jpg")
-            if not path.is_file():
-                raise FileNotFoundError(f"{list_file} lists {entry}, but {path} does not exist")
-            samples.append((path, lookup[cls]))
+        samples, classes = _food101_samples(food, split)
         return ImageFolder(samples, classes, image_size, transform)
 
     names = {"train": ["train"], "val": ["val"], "test": ["test", "val"]}[split]
