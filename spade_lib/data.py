@@ -204,8 +204,9 @@ def load_fashion_mnist(
 # The scene sets and the full-scale loaders moved to their own modules; their old paths here keep
 # working (imported on first use: scenes imports this module).
 _MOVED = {
-    **dict.fromkeys(("BACKGROUND_PHOTOS", "SCENES", "PoisonedSet", "SceneSet", "background_photos",
-                     "build_split", "load_scenes", "poisoned_test", "render_scenes"), "scenes"),
+    **dict.fromkeys(("SCENES", "PoisonedSet", "SceneSet", "build_split", "load_scenes",
+                     "poisoned_test", "render_scenes"), "scenes"),
+    **dict.fromkeys(("BACKGROUND_PHOTOS", "background_photos"), "photos"),
     **dict.fromkeys(("CelebA", "ImageFolder", "TrojanDataset", "celeba", "image_folder"),
                     "datasets"),
 }

@@ -4,7 +4,7 @@ Plain gray items are too easy for saliency work (a coloured Trojan patch is then
 the image), so the default scenes tint each item with a random colour and composite it at a random
 place and scale onto a random crop of a real colour photo (:func:`render_scenes`). The photos are
 the ones bundled with scikit-image, scikit-learn and matplotlib, split into disjoint train and test
-backgrounds (see :data:`BACKGROUND_PHOTOS`). :func:`build_split` plants the Trojan rules of
+backgrounds (:mod:`spade_lib.photos`). :func:`build_split` plants the Trojan rules of
 :mod:`spade_lib.trojan` on the training split (:class:`SceneSet`), :func:`poisoned_test` makes the
 Trojan copies of test images (:class:`PoisonedSet`), and :func:`load_scenes` builds both splits for
 a config.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,11 +24,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset
 
 from spade_lib.checks import check_choice
 from spade_lib.data import SPLITS, load_fashion_mnist
+from spade_lib.photos import (  # noqa: F401 (BACKGROUND_PHOTOS, background_photos re-exported)
+    BACKGROUND_PHOTOS,
+    background_photos,
+    photo_count,
+    render_backgrounds,
+    sample_axis,
+)
 from spade_lib.trojan import (
     PLANT,
     TEST_COPIES,
@@ -56,109 +61,9 @@ __all__ = [
 _SPLIT_CODE = {"train": 1, "test": 2}
 _CHUNK = 2048
 
-# --------------------------------------------------------------------------------------------
-# Background photos
-# --------------------------------------------------------------------------------------------
-
-BACKGROUND_PHOTOS: dict[str, tuple[str, ...]] = {
-    "train": (
-        "skimage:astronaut",
-        "skimage:chelsea",
-        "skimage:rocket",
-        "skimage:immunohistochemistry",
-        "skimage:retina",
-        "skimage:motorcycle",
-        "sklearn:china",
-    ),
-    "test": (
-        "skimage:coffee",
-        "skimage:hubble_deep_field",
-        "sklearn:flower",
-        "matplotlib:grace_hopper",
-    ),
-}
-"""Colour photos bundled with the installed libraries, as disjoint train and test backgrounds
-(about 2/3 and 1/3; each split has a dark one and photos from at least two libraries)."""
-BACKGROUND_PHOTOS["shared"] = BACKGROUND_PHOTOS["train"] + BACKGROUND_PHOTOS["test"]
 SCENES = ("photo", "photo-shared", "plain")
 """Scene kinds: ``photo`` (train and test backgrounds from disjoint photos), ``photo-shared``
 (both splits crop every photo; the crops differ) and ``plain`` (the gray item alone)."""
-
-
-def _load_photo(key: str) -> np.ndarray:
-    library, name = key.split(":")
-    if library == "skimage":
-        import skimage.data
-
-        if name == "motorcycle":
-            image = skimage.data.stereo_motorcycle()[0]
-        else:
-            image = getattr(skimage.data, name)()
-    elif library == "sklearn":
-        from sklearn.datasets import load_sample_image
-
-        image = load_sample_image(f"{name}.jpg")
-    elif library == "matplotlib":
-        from matplotlib import cbook
-
-        with Image.open(cbook.get_sample_data(f"{name}.jpg", asfileobj=False)) as im:
-            image = np.asarray(im.convert("RGB"))
-    else:
-        raise ValueError(f"unknown photo library {library!r}")
-    image = np.ascontiguousarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"{key} is not an RGB uint8 photo: {image.shape} {image.dtype}")
-    return image
-
-
-@functools.lru_cache(maxsize=3)
-def _photos(split: str) -> tuple[tuple[str, ...], tuple[np.ndarray, ...]]:
-    names, images = [], []
-    for key in BACKGROUND_PHOTOS[split]:
-        try:
-            image = _load_photo(key)
-        except Exception as err:  # a photo missing from this install: use the others
-            warnings.warn(f"background photo {key} is unavailable ({err}); skipped", stacklevel=3)
-            continue
-        image.setflags(write=False)
-        names.append(key)
-        images.append(image)
-    if not images:
-        raise FileNotFoundError(
-            f"none of the {split} background photos could be loaded: "
-            f"{', '.join(BACKGROUND_PHOTOS[split])}; install scikit-image, scikit-learn and "
-            "matplotlib with their bundled data"
-        )
-    return tuple(names), tuple(images)
-
-
-def background_photos(split: str) -> list[np.ndarray]:
-    """The colour photos used as backgrounds for a split (see :data:`BACKGROUND_PHOTOS`).
-
-    Returns
-    -------
-    list of numpy.ndarray
-        uint8 ``[H, W, 3]`` photos (read-only); photos missing from this install are skipped
-        with a warning.
-    """
-    check_choice(split, SPLITS, "split")
-    return list(_photos(split)[1])
-
-
-# Pyramid levels step by sqrt(2), so a crop is resampled from a level where it spans between
-# S and sqrt(2) * S pixels: bilinear sampling then needs no further anti-aliasing.
-@functools.lru_cache(maxsize=256)
-def _photo_level(split: str, name: str, level: int) -> torch.Tensor:
-    names, photos = _photos(split)
-    photo = photos[names.index(name)]
-    factor = 2.0 ** (-level / 2)
-    h, w = photo.shape[:2]
-    size = (max(1, round(w * factor)), max(1, round(h * factor)))
-    image = Image.fromarray(photo)
-    if level:
-        image = image.resize(size, Image.Resampling.BOX if level > 2 else Image.Resampling.LANCZOS)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     i = np.floor(h * 6).astype(int) % 6
@@ -169,45 +74,6 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
                                         (v, p, q))]
     )
     return table[i, np.arange(len(h))]
-
-
-def _sample_axis(start: np.ndarray, length: np.ndarray, size: int, extent: float) -> torch.Tensor:
-    """Normalised grid coordinates (align_corners=False) of ``size`` output pixel centres that
-    cover ``[start, start + length)`` of an axis of ``extent`` pixels."""
-    centres = start[:, None] + (np.arange(size)[None, :] + 0.5) * (length[:, None] / size)
-    return torch.from_numpy(2.0 * centres / extent - 1.0).float()
-
-
-def _render_backgrounds(
-    split: str, size: int, photo: np.ndarray, crop: np.ndarray, pos: np.ndarray
-) -> torch.Tensor:
-    """Crop square windows from the split's photos and resample them to ``size`` pixels."""
-    n = len(photo)
-    out = torch.empty(n, 3, size, size)
-    names, photos = _photos(split)
-    shapes = [p.shape[:2] for p in photos]
-    short = np.array([min(s) for s in shapes], dtype=np.float64)[photo]
-    heights = np.array([s[0] for s in shapes], dtype=np.float64)[photo]
-    widths = np.array([s[1] for s in shapes], dtype=np.float64)[photo]
-    side = crop * short
-    top = pos[:, 0] * (heights - side)
-    left = pos[:, 1] * (widths - side)
-    level = np.maximum(0, np.floor(2 * np.log2(np.maximum(side / size, 1.0)))).astype(int)
-    for key in sorted(set(zip(photo.tolist(), level.tolist(), strict=True))):
-        idx = np.flatnonzero((photo == key[0]) & (level == key[1]))
-        source = _photo_level(split, names[key[0]], key[1])
-        factor = source.shape[1] / shapes[key[0]][0], source.shape[2] / shapes[key[0]][1]
-        gy = _sample_axis(top[idx] * factor[0], side[idx] * factor[0], size, source.shape[1])
-        gx = _sample_axis(left[idx] * factor[1], side[idx] * factor[1], size, source.shape[2])
-        grid = torch.stack(
-            [gx[:, None, :].expand(-1, size, -1), gy[:, :, None].expand(-1, -1, size)], dim=-1
-        )
-        sampled = F.grid_sample(
-            source[None], grid.reshape(1, len(idx) * size, size, 2), mode="bilinear",
-            padding_mode="border", align_corners=False,
-        )
-        out[torch.from_numpy(idx)] = sampled[0].reshape(3, len(idx), size, size).transpose(0, 1)
-    return out
 
 
 def render_scenes(
@@ -262,7 +128,7 @@ def render_scenes(
         return _render_plain(items, int(image_size))
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), _SPLIT_CODE[split], 0x5CE7E]))
     pool = "shared" if scene == "photo-shared" else split
-    layout = _draw_layout(rng, len(items), int(image_size), len(_photos(pool)[1]), item_scale,
+    layout = _draw_layout(rng, len(items), int(image_size), photo_count(pool), item_scale,
                           crop_scale)
     return _composite(items, pool, int(image_size), layout, alpha_gain)
 
@@ -333,12 +199,12 @@ def _composite(items: torch.Tensor, pool: str, s: int, layout: dict[str, np.ndar
     for start in range(0, n, chunk):
         sl = slice(start, min(n, start + chunk))
         m = sl.stop - sl.start
-        background = _render_backgrounds(pool, s, layout["photo"][sl], layout["crop"][sl],
+        background = render_backgrounds(pool, s, layout["photo"][sl], layout["crop"][sl],
                                          layout["crop_pos"][sl])
         # Map each output pixel into the item's 28x28 frame; outside it samples zeros.
-        gy = _sample_axis(-item_pos[sl, 0] / item_side[sl] * h28,
+        gy = sample_axis(-item_pos[sl, 0] / item_side[sl] * h28,
                           s / item_side[sl] * h28, s, h28)
-        gx = _sample_axis(-item_pos[sl, 1] / item_side[sl] * w28,
+        gx = sample_axis(-item_pos[sl, 1] / item_side[sl] * w28,
                           s / item_side[sl] * w28, s, w28)
         grid = torch.stack([gx[:, None, :].expand(-1, s, -1), gy[:, :, None].expand(-1, -1, s)],
                            dim=-1)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from fashion import N_TRAIN
 
+from spade_lib import photos as spade_photos
 from spade_lib import scenes
 from spade_lib.trojan import MASK_THRESHOLD, draw_icon, eligible, rule_set
 
@@ -33,7 +34,7 @@ def _solid_photos(monkeypatch, colours):
                 tuple(np.full((300, 400, 3), c, dtype=np.uint8) for c in cols))
         for split, cols in colours.items()
     }
-    monkeypatch.setattr(scenes, "_photos", lambda split: photos[split])
+    monkeypatch.setattr(spade_photos, "_photos", lambda split: photos[split])
 
 
 def test_train_and_test_scenes_use_their_own_backgrounds(monkeypatch):
