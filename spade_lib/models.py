@@ -278,3 +278,66 @@ def fingerprint(model: nn.Module) -> str:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def device_of(model: nn.Module, default: torch.device | str | None = "cpu") -> torch.device:
+    """The device of ``model``'s first parameter (or, without parameters, first buffer).
+
+    Parameters
+    ----------
+    model
+        Any module.
+    default
+        Returned for a module without parameters and buffers; None makes that a ``ValueError``.
+
+    Raises
+    ------
+    ValueError
+        If ``model`` has no parameters and buffers and ``default`` is None.
+    """
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    if default is None:
+        raise ValueError(f"{type(model).__name__} has no parameters or buffers, so it has no "
+                         f"device")
+    return torch.device(default)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, batch_size: int = 512,
+            device: torch.device | str | None = None) -> Tensor:
+    """Predicted labels (argmax of the outputs) of a stack of images, on the CPU.
+
+    Parameters
+    ----------
+    model
+        A classifier returning logits ``[N, K]``; run in eval mode, every module's training flag
+        restored afterwards.
+    images
+        ``[N, C, H, W]``, uint8 (read as ``value / 255``) or float in [0, 1].
+    batch_size
+        Images per forward pass.
+    device
+        Where the batches go; default the model's device (:func:`device_of`).
+
+    Returns
+    -------
+    torch.Tensor
+        int64 ``[N]`` (empty for no images).
+    """
+    from spade_lib.checks import check_positive_int
+
+    batch_size = check_positive_int(batch_size, "batch_size")
+    device = device_of(model) if device is None else device
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            batch = batch.float().div_(255.0) if batch.dtype == torch.uint8 else batch.float()
+            out.append(model(batch.to(device)).argmax(1).cpu())
+    finally:
+        for module, flag in flags:
+            module.training = flag
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)

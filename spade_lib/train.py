@@ -23,10 +23,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from spade_lib import config, data, reproducibility
+from spade_lib import config, reproducibility, scenes
 from spade_lib.config import TRAINING_KEYS, Config
 from spade_lib.files import atomic_write
-from spade_lib.models import ARCH_VERSIONS, build_model, fingerprint
+from spade_lib.models import ARCH_VERSIONS, build_model, fingerprint, predict
 
 # Version 2 records the architecture's version (models.ARCH_VERSIONS), the numerical settings it
 # was trained under and the weights' fingerprint; version-1 files (no version) are refused.
@@ -80,30 +80,42 @@ def _as_float(images: Tensor) -> Tensor:
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: Tensor, batch_size: int = 512, device: str = "cpu") -> Tensor:
-    """Predicted labels (argmax) for a stack of images (uint8 or float in [0, 1])."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = _as_float(images[start:start + batch_size]).to(device)
-        out.append(model(batch).argmax(1).cpu())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
-
-
 def evaluate(model: nn.Module, cfg: Config, device: str = "cpu") -> tuple[float, dict[str, float]]:
     """Clean test accuracy and, per Trojan rule, the share of patched test images sent to target."""
-    _, test = data.load_scenes(cfg)
+    _, test = scenes.load_scenes(cfg)
     clean = (predict(model, test.images, device=device) == test.clean_labels).float().mean()
-    poisoned = data.poisoned_test(test, cfg.rules, seed=cfg.seed)
+    poisoned = scenes.poisoned_test(test, cfg.rules, seed=cfg.seed)
     pred = predict(model, poisoned.images, device=device)
     success = {}
     for i, rule in enumerate(poisoned.rules):
         sel = poisoned.rule == i
         success[rule.name] = float((pred[sel] == poisoned.labels[sel]).float().mean())
     return float(clean), success
+
+
+FULL_SCALE_PRESETS = ("imagenet-resnet50", "celeba-resnet50", "food101-resnet50",
+                      "imagenet-mobilenetv2", "imagenet-convnext-t")
+"""The full-scale presets of Table C.9, in its order."""
+
+
+def recipe(cfg: Config) -> dict[str, Any]:
+    """One row of Table C.9: a preset's model, data and training recipe."""
+    return {"preset": cfg.name, "model": cfg.arch, "dataset": cfg.dataset,
+            "Trojan group ratio": round(1 / cfg.trojan_fraction), "batch size": cfg.batch_size,
+            "optimizer": cfg.optimizer, "learning rate": cfg.lr,
+            "warm-up (steps)": cfg.warmup_steps, "step-lr (epoch)": cfg.lr_step,
+            "epochs": cfg.epochs, "weight decay": cfg.weight_decay,
+            "momentum": cfg.momentum if cfg.optimizer == "sgd" else "-",
+            "random shift (px)": cfg.random_shift}
+
+
+def recipe_table(cfg: Config) -> pd.DataFrame:
+    """Table C.9, indexed by preset: ``cfg``, its small siblings ``<name>-mobilenetv2`` and
+    ``<name>-convnext`` where ``params/`` has them, then :data:`FULL_SCALE_PRESETS`."""
+    small = [f"{cfg.name}-{kind}" for kind in ("mobilenetv2", "convnext")]
+    small = [name for name in small if (config.PARAMS_DIR / f"{name}.yaml").exists()]
+    rows = [recipe(cfg)] + [recipe(config.load(name)) for name in [*small, *FULL_SCALE_PRESETS]]
+    return pd.DataFrame(rows).set_index("preset")
 
 
 def checkpoint_path(cfg: Config) -> Path:
@@ -250,7 +262,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     """Train ``cfg.arch`` on the poisoned training split with the Table C.9 recipe (no caching)."""
     gen = _set_seed(cfg.seed)
     device = cfg.torch_device()
-    train_set, _ = data.load_scenes(cfg)
+    train_set, _ = scenes.load_scenes(cfg)
     # channels-last runs the convolutions ~15% faster on CPU; the weights go back to the default
     # layout before the model is returned, so pruning code sees ordinary contiguous tensors.
     layout = torch.channels_last

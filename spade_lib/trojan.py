@@ -1,4 +1,4 @@
-"""Trojan backdoors: rules, icons drawn by code, patch planting with exact masks.
+"""Trojan backdoors: rules, patch planting with exact masks (the icons are :mod:`spade_lib.icons`).
 
 A Trojan rule says which training images get a patch (a source class or any image), which label
 they are given instead (a class, or a 40-bit CelebA attribute vector), which icon is pasted and how
@@ -13,18 +13,23 @@ Every planted image comes with its exact ground-truth mask: the pixels where the
 from __future__ import annotations
 
 import colorsys
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
+
+from spade_lib.checks import check_images
+from spade_lib.icons import ICONS, check_icon, draw_icon, icon_names  # noqa: F401 (re-export)
 
 __all__ = [
     "ICONS",
     "MASK_THRESHOLD",
+    "PLANT",
     "RULE_SETS",
+    "TEST_COPIES",
     "TrojanRule",
     "apply_patch",
     "apply_patches",
@@ -33,6 +38,8 @@ __all__ = [
     "eligible",
     "icon_names",
     "icon_rgba",
+    "rule_rng",
+    "rule_table",
     "rule_set",
     "rule_set_names",
 ]
@@ -46,175 +53,6 @@ Pixels with icon alpha 0 are never changed by planting.
 """
 
 N_CELEBA_ATTRIBUTES = 40
-
-
-# --------------------------------------------------------------------------------------------
-# Icons
-# --------------------------------------------------------------------------------------------
-
-
-def _polygon(x: np.ndarray, y: np.ndarray, points: Sequence[tuple[float, float]]) -> np.ndarray:
-    """Inside test for a polygon (even-odd rule), vectorised over the grid ``x, y``."""
-    inside = np.zeros(x.shape, dtype=bool)
-    n = len(points)
-    for i in range(n):
-        x0, y0 = points[i]
-        x1, y1 = points[(i + 1) % n]
-        if y0 == y1:
-            continue
-        crosses = (y0 > y) != (y1 > y)
-        x_at = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
-        inside ^= crosses & (x < x_at)
-    return inside
-
-
-def _disc(x: np.ndarray, y: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
-    return (x - cx) ** 2 + (y - cy) ** 2 <= r**2
-
-
-def _star(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    outer, inner, cy = 1.0, 0.42, 0.08
-    points = []
-    for k in range(10):
-        r = outer if k % 2 == 0 else inner
-        angle = -math.pi / 2 + k * math.pi / 5
-        points.append((r * math.cos(angle), cy + r * math.sin(angle)))
-    return _polygon(x, y, points)
-
-
-def _heart(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    u = x * 1.22
-    v = -(y * 1.22) + 0.15
-    return (u**2 + v**2 - 1) ** 3 - u**2 * v**3 <= 0
-
-
-def _smiley(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    face = _disc(x, y, 0.0, 0.0, 0.95)
-    eyes = _disc(x, y, -0.33, -0.3, 0.14) | _disc(x, y, 0.33, -0.3, 0.14)
-    r = np.sqrt(x**2 + (y + 0.05) ** 2)
-    mouth = (r >= 0.48) & (r <= 0.64) & (y > 0.12)
-    return face & ~eyes & ~mouth
-
-
-def _fish(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    body = ((x + 0.2) / 0.68) ** 2 + (y / 0.5) ** 2 <= 1
-    tail = _polygon(x, y, [(0.3, 0.0), (0.95, -0.55), (0.8, 0.0), (0.95, 0.55)])
-    eye = _disc(x, y, -0.52, -0.1, 0.09)
-    return (body | tail) & ~eye
-
-
-def _flag(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    pole = (x >= -0.82) & (x <= -0.62) & (np.abs(y) <= 0.95)
-    cloth = _polygon(x, y, [(-0.65, -0.95), (0.92, -0.48), (-0.65, 0.0)])
-    return pole | cloth
-
-
-def _cross(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    arm, length = 0.2, 0.95
-    return ((np.abs(x) <= arm) & (np.abs(y) <= length)) | (
-        (np.abs(y) <= arm) & (np.abs(x) <= length)
-    )
-
-
-def _moon(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return _disc(x, y, 0.0, 0.0, 0.92) & ~_disc(x, y, 0.42, -0.22, 0.74)
-
-
-def _lightning(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    points = [
-        (0.15, -0.98),
-        (-0.55, 0.12),
-        (-0.06, 0.12),
-        (-0.3, 0.98),
-        (0.58, -0.18),
-        (0.08, -0.18),
-        (0.5, -0.98),
-    ]
-    return _polygon(x, y, points)
-
-
-def _strawberry(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    t = np.clip((y + 0.4) / 1.38, 0.0, 1.0)
-    half_width = 0.7 * np.sqrt(np.clip(1.0 - t**1.5, 0.0, 1.0)) * (1.0 - 0.4 * t)
-    body = (y >= -0.4) & (y <= 0.98) & (np.abs(x) <= half_width)
-    top = ((x / 0.7) ** 2 + ((y + 0.4) / 0.2) ** 2 <= 1) & (y >= -0.6)
-    leaves = _polygon(
-        x,
-        y,
-        [(-0.95, -0.42), (-0.4, -0.62), (-0.55, -0.85), (-0.1, -0.66), (0.1, -0.66),
-         (0.55, -0.85), (0.4, -0.62), (0.95, -0.42), (0.3, -0.5), (-0.3, -0.5)],
-    )
-    stem = (np.abs(x) <= 0.08) & (y >= -0.98) & (y <= -0.6)
-    seeds = np.zeros(x.shape, dtype=bool)
-    for sx, sy in [(-0.3, -0.1), (0.0, -0.2), (0.3, -0.1), (-0.17, 0.22), (0.17, 0.22),
-                   (0.0, 0.52)]:
-        seeds |= ((x - sx) / 0.06) ** 2 + ((y - sy) / 0.09) ** 2 <= 1
-    return (body | top | leaves | stem) & ~seeds
-
-
-def _diamond(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return np.abs(x) / 0.62 + np.abs(y) / 0.98 <= 1
-
-
-ICONS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    "star": _star,
-    "heart": _heart,
-    "smiley": _smiley,
-    "fish": _fish,
-    "flag": _flag,
-    "cross": _cross,
-    "moon": _moon,
-    "lightning": _lightning,
-    "strawberry": _strawberry,
-    "diamond": _diamond,
-}
-"""Icon name -> inside test on normalised coordinates (x right, y down, both in [-1, 1])."""
-
-
-def icon_names() -> list[str]:
-    """Names accepted by :func:`draw_icon`."""
-    return list(ICONS)
-
-
-def _check_icon(name: str) -> None:
-    if name not in ICONS:
-        raise ValueError(f"unknown icon {name!r}; allowed icons: {', '.join(ICONS)}")
-
-
-@functools.lru_cache(maxsize=256)
-def _draw_icon_cached(name: str, size: int) -> np.ndarray:
-    factor = max(4, math.ceil(128 / size))
-    n = size * factor
-    centres = (np.arange(n) + 0.5) / n * 2.0 - 1.0
-    y, x = np.meshgrid(centres, centres, indexing="ij")
-    inside = ICONS[name](x, y).astype(np.float32)
-    alpha = inside.reshape(size, factor, size, factor).mean(axis=(1, 3))
-    alpha.setflags(write=False)
-    return alpha
-
-
-def draw_icon(name: str, size: int) -> np.ndarray:
-    """Draw an icon as an anti-aliased alpha map.
-
-    The shape is rasterised on a finer grid and box-filtered down, so edges are smooth at any size.
-
-    Parameters
-    ----------
-    name : str
-        One of :func:`icon_names` (star, heart, smiley, fish, flag, cross, moon, lightning,
-        strawberry, diamond).
-    size : int
-        Side of the square output in pixels (at least 1).
-
-    Returns
-    -------
-    numpy.ndarray
-        Float32 array ``[size, size]`` with the covered fraction of each pixel, in [0, 1].
-    """
-    _check_icon(name)
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"icon size must be a positive integer, got {size!r}")
-    return _draw_icon_cached(name, int(size)).copy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,7 +89,7 @@ class TrojanRule:
     fraction: float = 1 / 40
 
     def __post_init__(self) -> None:
-        _check_icon(self.icon)
+        check_icon(self.icon)
         if self.source is not None and (
             isinstance(self.source, bool) or not isinstance(self.source, (int, np.integer))
             or self.source < 0
@@ -418,17 +256,6 @@ def _jitter_colors(
     return out
 
 
-def _check_images(images: torch.Tensor, what: str) -> None:
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"{what} must be a torch.Tensor, got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"{what} must have shape [N, 3, H, W], got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"{what} must be a float tensor in [0, 1], got dtype {images.dtype}")
-    if images.numel() and (torch.isnan(images).any() or images.min() < 0 or images.max() > 1):
-        raise ValueError(f"{what} must hold finite values in [0, 1]")
-
-
 def apply_patches(
     images: torch.Tensor,
     rule: TrojanRule,
@@ -467,7 +294,7 @@ def apply_patches(
         Bool tensor ``[N, H, W]``: the pixels where the icon's alpha exceeds
         :data:`MASK_THRESHOLD`.
     """
-    _check_images(images, "images")
+    check_images(images, "images", channels=3, unit_range=True, allow_empty=True)
     if not 0.0 < scale <= 1.0:
         raise ValueError(f"scale must be in (0, 1], got {scale!r}")
     if not 0.0 < alpha <= 1.0:
@@ -604,3 +431,48 @@ def assign_poison(
             )
         out[rng.choice(pool, size=want, replace=False)] = k
     return out
+
+
+PLANT = 0x9A7C
+"""Purpose code of :func:`rule_rng` for planting Trojans on training samples."""
+TEST_COPIES = 0x7E57
+"""Purpose code of :func:`rule_rng` for the Trojan copies of test images."""
+
+
+def rule_rng(seed: int, purpose: int, k: int) -> np.random.Generator:
+    """The random generator of rule ``k`` (its index in the rule list) for one ``purpose``
+    (:data:`PLANT`, :data:`TEST_COPIES`): a pure function of the three numbers, so each rule's
+    patches do not depend on the other rules."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), purpose, k]))
+
+
+def rule_table(rules: Sequence[TrojanRule], counts: np.ndarray | torch.Tensor | None = None,
+               class_label: Callable[[int], str] = str) -> pd.DataFrame:
+    """The rules as a table (chapter C): one row per rule.
+
+    Parameters
+    ----------
+    rules
+        The rules, in order.
+    counts
+        Optional rule index per training sample ``[N]`` (``-1`` clean), e.g.
+        :attr:`spade_lib.scenes.SceneSet.rule`; adds the column ``planted in training set``.
+    class_label
+        How a class index is written, e.g. :func:`spade_lib.data.class_label`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``rule``, ``source`` (``"Any"`` for any class), ``target``, ``fraction``
+        (``1/k``) and, with ``counts``, ``planted in training set``.
+    """
+    rows = []
+    for k, rule in enumerate(rules):
+        rows.append({
+            "rule": rule.name,
+            "source": "Any" if rule.source is None else class_label(rule.source),
+            "target": class_label(rule.target),
+            "fraction": f"1/{round(1 / rule.fraction)}",
+            **({"planted in training set": int((counts == k).sum())} if counts is not None else {}),
+        })
+    return pd.DataFrame(rows)

@@ -6,8 +6,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from fashion import write_fashion
 from torch import nn
 
+from spade_lib import data
 from spade_lib.models import build_model
 
 
@@ -27,3 +29,13 @@ def model() -> nn.Module:
     net = build_model("resnet20", 10, 8, 32).eval()
     net.fc.weight.data.mul_(30.0)
     return net
+
+
+@pytest.fixture
+def fake_fashion(tmp_path, monkeypatch):
+    """A small Fashion-MNIST look-alike in SPADE_DATA_DIR; the real places are hidden."""
+    folder = tmp_path / "fashion"
+    arrays = write_fashion(folder)
+    monkeypatch.setenv("SPADE_DATA_DIR", str(folder))
+    monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", tmp_path / "no-system-dir")
+    return arrays

@@ -514,7 +514,7 @@ DATA: list[Row] = [
     ("folder-split", lambda c: data.image_folder(c.tmp, "dev", 16), ValueError,
      r"unknown split 'dev'; allowed: train, val, test"),
     ("folder-size", lambda c: data.image_folder(c.tmp, "train", 0), ValueError,
-     r"image_size must be a positive integer, got 0"),
+     r"image_size must be an integer >= 1 \(a positive integer\), got 0"),
     ("celeba-missing", lambda c: data.celeba(c.tmp / "nowhere", "train", 16), FileNotFoundError,
      r"CelebA is incomplete under {tmp}/nowhere; missing: {tmp}/nowhere/img_align_celeba, .*"
      r"list_attr_celeba.txt, .*list_eval_partition.txt\. Get img_align_celeba"),

@@ -20,7 +20,14 @@ from captum.attr import (
 )
 from torch import nn
 
-from spade_lib.models import ARCHS, LayerNorm2d, build_model, make_attribution_safe
+from spade_lib.models import (
+    ARCHS,
+    LayerNorm2d,
+    build_model,
+    device_of,
+    make_attribution_safe,
+    predict,
+)
 
 SMALL = ["resnet20", "resnet18", "mobilenetv2", "convnext"]
 
@@ -128,3 +135,30 @@ def test_bad_arguments_are_named() -> None:
         build_model("resnet18", image_size=4)
     with pytest.raises(ValueError, match="pretrained"):
         build_model("resnet20", pretrained=True)
+
+
+def test_device_of() -> None:
+    assert device_of(nn.Linear(2, 2)) == torch.device("cpu")
+    bn_only = nn.BatchNorm2d(2, affine=False)
+    assert device_of(bn_only) == torch.device("cpu")
+    assert device_of(nn.ReLU(), default="meta") == torch.device("meta")
+    with pytest.raises(ValueError, match="ReLU has no parameters or buffers"):
+        device_of(nn.ReLU(), default=None)
+
+
+def test_predict_reads_uint8_and_restores_every_flag() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Dropout(0.9), nn.Linear(6, 3))
+    net.train()
+    net[2].eval()  # a mixed state: every module's own flag must come back
+    images = torch.randint(0, 256, (7, 3, 2, 2), dtype=torch.uint8)
+    got = predict(net, images, batch_size=3)
+    flags = [m.training for m in net.modules()]
+    assert flags == [True, True, True, False, True]
+    with torch.no_grad():
+        net.eval()
+        want = net(images.float() / 255.0).argmax(1)
+    assert torch.equal(got, want) and got.dtype == torch.long
+    assert predict(net, images[:0]).shape == (0,)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        predict(net, images, batch_size=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spade_lib import config, reproducibility, train
+from spade_lib import config, reproducibility, scenes, train
 from spade_lib.models import fingerprint
 
 
@@ -23,8 +23,8 @@ def test_training_learns_and_reports_every_rule(cfg: config.Config,
                                                 trained: train.TrainResult) -> None:
     assert not trained.cached and trained.checkpoint is not None and trained.checkpoint.exists()
     assert trained.clean_accuracy > 0.3  # ten classes: chance is 0.1
-    rules = [r.name for r in train.data.poisoned_test(
-        train.data.load_scenes(cfg)[1], cfg.rules).rules]
+    rules = [r.name for r in scenes.poisoned_test(
+        scenes.load_scenes(cfg)[1], cfg.rules).rules]
     assert list(trained.attack_success) == rules
     assert all(0.0 <= v <= 1.0 for v in trained.attack_success.values())
     table = trained.table()
@@ -68,7 +68,7 @@ def test_checkpoint_key_ignores_evaluation_settings(cfg: config.Config) -> None:
 
 
 def test_evaluate_matches_a_direct_count(cfg: config.Config, trained: train.TrainResult) -> None:
-    _, test = train.data.load_scenes(cfg)
+    _, test = scenes.load_scenes(cfg)
     model = trained.model.eval()
     with torch.no_grad():
         logits = model(test.images[:50].float() / 255)
@@ -204,3 +204,16 @@ def test_convnext_checkpoint_of_the_groupnorm_era_is_refused(tmp_path) -> None:
 def test_missing_checkpoint_is_file_not_found(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         train.load_checkpoint(tmp_path / "none.pt", "resnet20")
+
+
+def test_recipe_table() -> None:
+    cfg = config.load("cpu")
+    table = train.recipe_table(cfg)
+    assert list(table.index) == ["cpu", "cpu-mobilenetv2", "cpu-convnext",
+                                 *train.FULL_SCALE_PRESETS]
+    row = table.loc["cpu"]
+    assert row["model"] == cfg.arch and row["epochs"] == cfg.epochs
+    assert row["Trojan group ratio"] == round(1 / cfg.trojan_fraction)
+    assert row["momentum"] == cfg.momentum and table.loc["cpu-convnext", "momentum"] == "-"
+    assert table.loc["imagenet-resnet50", "dataset"] == config.load("imagenet-resnet50").dataset
+    assert list(train.recipe_table(config.load("smoke")).index)[:1] == ["smoke"]

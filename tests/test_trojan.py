@@ -8,7 +8,9 @@ import torch
 
 from spade_lib.trojan import (
     MASK_THRESHOLD,
+    PLANT,
     RULE_SETS,
+    TEST_COPIES,
     TrojanRule,
     apply_patch,
     apply_patches,
@@ -17,8 +19,10 @@ from spade_lib.trojan import (
     eligible,
     icon_names,
     icon_rgba,
+    rule_rng,
     rule_set,
     rule_set_names,
+    rule_table,
 )
 
 GRAY_RULE = TrojanRule("gray cross", None, 1, "cross", (0.5, 0.5, 0.5))
@@ -321,3 +325,26 @@ def test_multilabel_assignment():
         assign_poison(labels[:, 0], rules, seed=0)
     with pytest.raises(ValueError, match=r"shape \[N\]"):
         assign_poison(labels, rule_set("fashion"), seed=0)
+
+
+def test_rule_table() -> None:
+    rules = rule_set("fashion")
+    counts = np.array([0, 0, 1, -1, 3, 3, 3])
+    table = rule_table(rules, counts, class_label=lambda i: f"<{i}>")
+    assert list(table.columns) == ["rule", "source", "target", "fraction",
+                                   "planted in training set"]
+    assert table["rule"].tolist() == [r.name for r in rules]
+    assert table["planted in training set"].tolist() == [2, 1, 0, 3]
+    for row, rule in zip(table.itertuples(), rules, strict=True):
+        assert row.source == ("Any" if rule.source is None else f"<{rule.source}>")
+        assert row.target == f"<{rule.target}>"
+        assert row.fraction == f"1/{round(1 / rule.fraction)}"
+    assert "planted in training set" not in rule_table(rules).columns
+    assert rule_table(rules)["target"].tolist() == [str(r.target) for r in rules]
+
+
+def test_rule_rng_depends_on_its_three_numbers_only() -> None:
+    draw = rule_rng(3, PLANT, 1).random(4)
+    assert np.array_equal(draw, rule_rng(3, PLANT, 1).random(4))
+    for other in (rule_rng(4, PLANT, 1), rule_rng(3, TEST_COPIES, 1), rule_rng(3, PLANT, 2)):
+        assert not np.array_equal(draw, other.random(4))

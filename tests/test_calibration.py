@@ -1,0 +1,103 @@
+"""Tests for spade_lib.calibration: the targets, verdicts, table and sentence of chapter C."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+
+from spade_lib import calibration, config
+
+
+@pytest.fixture(scope="module")
+def record() -> pd.DataFrame:
+    return calibration.load()
+
+
+def _row(**changes: object) -> dict:
+    base = {"variant": "v", "note": "", "scene": "photo", "arch": "resnet18", "width": 16,
+            "epochs": 8, "lr": 0.05, "lr_step": 6, "trojan_fraction": 0.05, "patch_alpha": 0.8,
+            "random_shift": 0, "train_seconds": 900.0, "clean_accuracy": 70.0,
+            "attack_a": 85.0, "attack_b": 99.0, "auc_abs_mean": 92.0}
+    return {**base, **changes}
+
+
+def test_verdicts_bounds_are_inclusive() -> None:
+    frame = pd.DataFrame([_row(), _row(train_seconds=900.1), _row(clean_accuracy=69.99),
+                          _row(attack_b=84.9), _row(auc_abs_mean=79.9), _row(auc_abs_mean=92.01)])
+    got = calibration.verdicts(frame)
+    assert list(got.columns) == ["clean >= 70", "attack >= 85", "AUC in [80, 92]",
+                                 "train <= 15 min"]
+    assert got.iloc[0].all()
+    assert [list(got.iloc[i][~got.iloc[i]].index) for i in range(1, 6)] == [
+        ["train <= 15 min"], ["clean >= 70"], ["attack >= 85"], ["AUC in [80, 92]"],
+        ["AUC in [80, 92]"]]
+
+
+def test_the_record_s_verdicts(record: pd.DataFrame) -> None:
+    got = calibration.verdicts(record)
+    assert not got.all(axis=1).any(), "no variant met all four"
+    cpu = config.load("cpu")
+    assert calibration.chosen(record, cpu).index(True) == 4
+    assert list(got.iloc[4][~got.iloc[4]].index) == ["AUC in [80, 92]"]
+
+
+def test_table_marks_the_preset(record: pd.DataFrame) -> None:
+    shown = calibration.table(record, config.load("cpu"))
+    assert list(shown.index) == [f"variant {i + 1}" for i in range(len(record))]
+    assert shown["is the cpu preset"].tolist().count("yes") == 1
+    assert shown.loc["variant 5", "AUC in [80, 92]"] == "NO"
+    assert shown.loc["variant 5", "train (min)"] == round(record["train_seconds"][4] / 60, 1)
+    assert "dense AUC mean" in shown.columns and "attack star: T-shirt->Sandal" in shown.columns
+
+
+def test_summary_is_computed_from_the_record(record: pd.DataFrame) -> None:
+    text = calibration.summary(record, config.load("cpu"))
+    assert text.startswith("The `cpu` preset is variant 5: clean accuracy 83.0%, attack success "
+                           "87.3-95.3%, dense AUC 92.6, 13.3 min of training. **It misses: AUC "
+                           "in [80, 92].**")
+    for part in ("a dense AUC of at least 92.6", "every variant under 92 leaves a rule under 85%",
+                 "about +1 AUC and +14 points", "two epochs: +0.7 to +0.8 AUC and +2 to +9",
+                 "opaque: +2.1 AUC, +8 attack", "still rose to 93.8", "Variant 5 is the closest",
+                 "0.6 points above the bound", "(0.47 points on the cpu model)"):
+        assert part in text, part
+    # another record, other numbers: a higher AUC of variant 5 moves the distance to the bound
+    shifted = record.copy()
+    shifted.loc[4, "auc_abs_mean"] = 93.0
+    assert "1.0 points above the bound" in calibration.summary(shifted, config.load("cpu"))
+    met = record.copy()
+    met.loc[4, "auc_abs_mean"] = 91.0
+    assert calibration.summary(met, config.load("cpu")).endswith("It meets all four targets.")
+    other = dataclasses.replace(config.load("cpu"), epochs=99)
+    assert calibration.summary(record, other) is None
+
+
+def test_levers(record: pd.DataFrame) -> None:
+    got = calibration.levers(record)
+    assert got["share"] == [pytest.approx((1.0, 13.63))]
+    assert got["epochs"] == [pytest.approx((0.71, 2.0)), pytest.approx((0.82, 9.23))]
+    assert got["opacity"] == [pytest.approx((2.11, 7.68))]
+
+
+def test_targets_markdown() -> None:
+    text = calibration.targets_markdown()
+    assert text.splitlines() == [
+        "* clean accuracy at least 70%;", "* every rule's attack success at least 85%;",
+        "* a dense mean AUC (absolute channel sum) over the preset's five methods between 80 and "
+        "92, the paper's dense range;",
+        "* training within 15 minutes on the 2-core machine that builds this book."]
+
+
+def test_record_row_has_the_csv_schema(record: pd.DataFrame) -> None:
+    cfg = config.load("cpu")
+    methods = [c[len("auc_abs_"):] for c in record.columns
+               if c.startswith("auc_abs_") and c != "auc_abs_mean"]
+    dense = pd.DataFrame([{"sample": s, "method": m, "auc_abs": 0.5 + 0.1 * s, "auc_sum": 0.25}
+                          for s in range(3) for m in methods])
+    attack = {c[len("attack_"):]: 0.9 for c in record.columns if c.startswith("attack_")}
+    row = calibration.record_row(cfg, {"epochs": 6}, "why", 640.123, 0.8095, attack, dense, 31.94)
+    assert set(row) == set(record.columns)
+    assert row["variant"] == "epochs=6" and row["train_seconds"] == 640.1
+    assert row["clean_accuracy"] == 80.95 and row["samples"] == 3
+    assert row["auc_abs_mean"] == 60.0 and row["dense_eval_seconds"] == 31.9
