@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import Tensor
+
+from spade_lib.checks import check_image
 
 __all__ = ["RECIPES", "augment", "augmented_batches", "check_image"]
 
@@ -132,28 +133,6 @@ def _erase_boxes(n: int, height: int, width: int, gen: torch.Generator | None,
     u, v = _uniform(n, 0, 1, gen, device), _uniform(n, 0, 1, gen, device)
     top, left = torch.floor(u * (height - h + 1)), torch.floor(v * (width - w + 1))
     return torch.stack([top, left, h, w], 1)
-
-
-def check_image(image: Any, dtype: torch.dtype | None = None) -> Tensor:
-    """Check an image is ``[3, H, W]`` or ``[1, 3, H, W]`` and finite; return ``[3, H, W]``.
-
-    ``dtype``: the model's floating dtype, which the image must then have.
-    """
-    if not isinstance(image, Tensor):
-        raise ValueError(f"image must be a torch.Tensor, got {type(image).__name__}")
-    if image.dim() == 4 and image.shape[0] == 1:
-        image = image[0]
-    if image.dim() != 3 or image.shape[0] != 3 or image.numel() == 0:
-        raise ValueError(f"image must have shape [3, H, W] or [1, 3, H, W] with H, W >= 1, got "
-                         f"{list(image.shape)}")
-    if not image.is_floating_point():
-        raise ValueError(f"image must be a float tensor with values in [0, 1], got {image.dtype}")
-    if dtype is not None and image.dtype != dtype:
-        raise ValueError(f"image dtype {image.dtype} differs from the model's {dtype}; allowed: "
-                         f"{dtype} (convert with image.to({dtype}))")
-    if not torch.isfinite(image).all():
-        raise ValueError("image contains NaN or inf values")
-    return image
 
 
 def augment(

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spade_lib.models import device_of
 from spade_lib.schedules import get_layers
 
 __all__ = ["conv_columns", "eval_mode", "layer_hessians"]
@@ -255,7 +256,7 @@ def layer_hessians(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     accs = {name: _Accumulator(m, dtype, chunk_size) for name, m in modules.items()}
-    device = next(model.parameters()).device
+    device = device_of(model, default=None)
     handles = []
     try:
         for name, m in modules.items():

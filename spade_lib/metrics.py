@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spade_lib.pruning import eval_mode
+from spade_lib.hessians import eval_mode
+from spade_lib.models import device_of
 
 __all__ = [
     "AGGREGATIONS", "BASELINES", "SCORE_COLUMNS", "TIES", "DegenerateScoreWarning",
@@ -395,7 +396,7 @@ def insertion_deletion_curves(
         raise ValueError(f"unknown baseline {baseline!r}; allowed: {', '.join(BASELINES)}")
     if isinstance(target, bool) or not isinstance(target, int | np.integer):
         raise ValueError(f"target must be an int, got {target!r}")
-    device = next((p.device for p in model.parameters()), x.device)
+    device = device_of(model, x.device)
     x = x.detach().to(device)
     if baseline == "zero":
         base = torch.zeros_like(x)

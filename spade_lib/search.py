@@ -35,6 +35,7 @@ from spade_lib import hessians, metrics, pruning, results, schedules, trojan
 from spade_lib.augment import augmented_batches
 from spade_lib.config import Config
 from spade_lib.files import atomic_write
+from spade_lib.models import device_of
 
 __all__ = [
     "AGGREGATIONS", "GRID", "SEARCH_KEYS", "Candidates", "SearchResult", "greedy_search",
@@ -245,7 +246,7 @@ class Candidates:
         self.work = copy.deepcopy(self.dense)
         self.layers = list(layers)
         self.pruner, self.options = pruner, dict(pruner_options)
-        device = next(self.dense.parameters()).device
+        device = device_of(self.dense, default=None)
         self.hessians: list[dict[str, Tensor]] = []
         for image, seed in zip(images.to(device), seeds, strict=True):
             batches = augmented_batches(image, n_augmentations, recipe, int(seed), batch_size)

@@ -24,12 +24,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from spade_lib import hessians, pruning, schedules
-from spade_lib.augment import (  # noqa: F401 (augment, check_image re-exported from here)
+from spade_lib.augment import (  # noqa: F401 (augment re-exported from here)
     RECIPES,
     augment,
     augmented_batches,
-    check_image,
 )
+from spade_lib.checks import check_image  # noqa: F401 (re-exported: trace.check_image)
+from spade_lib.models import device_of
 
 __all__ = ["REPORT_COLUMNS", "Trace", "trace", "trace_batch"]
 
@@ -91,13 +92,6 @@ def _timed(batches: Iterator[Tensor], clock: _Clock) -> Iterator[Tensor]:
             return
         clock.stop("augment", t)
         yield batch
-
-
-def _device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        raise ValueError("model has no parameters to prune") from None
 
 
 def _dtype(model: nn.Module) -> torch.dtype | None:
@@ -200,7 +194,7 @@ def _traces(model: nn.Module, images: Tensor, targets: dict[str, float], pruner:
     at once with :func:`spade_lib.pruning.prune_layer_batch`. One sample prunes the dense copy
     itself, which is exactly what a single trace does.
     """
-    device = _device(model)
+    device = device_of(model, default=None)
     images = images.to(device)
     samples = images.shape[0]
     clock = _Clock(device)
