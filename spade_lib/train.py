@@ -93,7 +93,8 @@ def predict(model: nn.Module, images: Tensor, batch_size: int = 512, device: str
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
-def evaluate(model: nn.Module, cfg: Config, device: str = "cpu") -> tuple[float, dict[str, float]]:
+def trojan_accuracy(model: nn.Module, cfg: Config,
+                    device: str = "cpu") -> tuple[float, dict[str, float]]:
     """Clean test accuracy and, per Trojan rule, the share of patched test images sent to target."""
     _, test = data.load_scenes(cfg)
     clean = (predict(model, test.images, device=device) == test.clean_labels).float().mean()
@@ -291,7 +292,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     bar.close()
     seconds = time.perf_counter() - start
     model = model.to(memory_format=torch.contiguous_format).eval()
-    clean, success = evaluate(model, cfg, device=device)
+    clean, success = trojan_accuracy(model, cfg, device=device)
     return TrainResult(model.cpu(), clean, success, seconds, history)
 
 
