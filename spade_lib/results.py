@@ -9,8 +9,9 @@ sample and variant and shared by every saliency method; each map is scored again
 :func:`evaluate` produces the tidy table (one row per sample, method and variant) and keeps it in a
 :class:`~spade_lib.store.ResultStore`: one file per finished sample, in a folder named by the hash
 of everything that determines the rows (:func:`results_key`). A run that is killed loses only the
-sample in progress; the next call computes just the missing samples. The table layouts live in
-:mod:`spade_lib.tables`.
+sample in progress; the next call computes just the missing samples. :func:`other_architecture`
+runs the same comparison on another preset's model with the book's policy (skip a network that did
+not learn, merge methods with equal scores). The table layouts live in :mod:`spade_lib.tables`.
 
 The names that moved to :mod:`spade_lib.samples`, :mod:`spade_lib.store` and
 :mod:`spade_lib.tables` are re-exported here, so ``results.summary`` and the like keep working.
@@ -21,17 +22,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from spade_lib import attribution, metrics, pruning, reproducibility
+from spade_lib import attribution, config, metrics, pruning, reproducibility
 from spade_lib.config import Config
 from spade_lib.models import fingerprint as model_fingerprint
 from spade_lib.samples import (
@@ -61,11 +63,14 @@ from spade_lib.tables import (
 )
 from spade_lib.trace import trace
 
+if TYPE_CHECKING:
+    from spade_lib.train import TrainResult
+
 __all__ = [
-    "BUILTIN_VARIANTS", "COLUMNS", "RESULT_KEYS",
-    "SAMPLE_COLUMNS", "TRACE_BATCH", "DamagedResultWarning", "ResultStore",
+    "BUILTIN_VARIANTS", "COLUMNS", "MERGED_METHODS", "MERGE_ATOL", "MIN_ACCURACY", "RESULT_KEYS",
+    "SAMPLE_COLUMNS", "TRACE_BATCH", "ArchitectureRun", "DamagedResultWarning", "ResultStore",
     "Samples", "Variant", "check_methods", "evaluate", "evaluation_samples", "isd_donor",
-    "merge_methods", "model_fingerprint", "prediction_kept",
+    "merge_methods", "model_fingerprint", "other_architecture", "prediction_kept",
     "resolve_variants", "results_key", "run_sample", "sample_maps", "sample_seed", "score_gap",
     "score_methods", "select_samples", "summary", "tuning_samples", "variant_network",
     "variant_table", "wins",
@@ -84,6 +89,19 @@ TRACE_BATCH = 256
 Hessians are bit-identical to the runner's)."""
 
 BUILTIN_VARIANTS = ("dense", "spade", "isd")
+
+MIN_ACCURACY = 0.2
+"""Clean accuracy below which :func:`other_architecture` leaves a network unexplained: twice
+chance for ten classes; a network under it did not learn the task, so its maps explain nothing."""
+
+MERGED_METHODS = ("InputXGradient", "DeepLift")
+"""Methods :func:`other_architecture` merges into one row when their scores agree: DeepLift has no
+rule for ReLU6 or GELU and reduces to InputXGradient on those networks (as in the paper)."""
+
+MERGE_ATOL = 1e-3
+"""The largest score difference (AUC or Pointing Game, on any sample) at which
+:data:`MERGED_METHODS` are merged: float noise in the batched backward pass can swap a few tied
+pixel ranks."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,3 +439,71 @@ def _ordered(table: pd.DataFrame, ids: Sequence[int], methods: Sequence[str],
     return table.iloc[order].reset_index(drop=True)
 
 
+
+# --------------------------------------------------------------------------------------------
+# Other architectures
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ArchitectureRun:
+    """What :func:`other_architecture` found for one preset.
+
+    Attributes
+    ----------
+    cfg
+        The preset's config.
+    trained
+        Its trained model with clean accuracy, attack success and training time.
+    table
+        The results table (dense and ``spade``, :data:`MERGED_METHODS` merged when they agree);
+        ``None`` when the network did not learn the task (clean accuracy under
+        :data:`MIN_ACCURACY`).
+    gap
+        The largest score difference between :data:`MERGED_METHODS` (:func:`score_gap`); NaN when
+        the network was skipped or does not run both.
+    """
+
+    cfg: Config
+    trained: TrainResult
+    table: pd.DataFrame | None
+    gap: float
+
+    @property
+    def merged(self) -> bool:
+        """Whether :data:`MERGED_METHODS` share one row (their gap is within :data:`MERGE_ATOL`)."""
+        return self.gap <= MERGE_ATOL
+
+
+def other_architecture(preset: str, samples: int | None = None,
+                       progress: bool = True) -> ArchitectureRun:
+    """Table B.2 for another architecture's preset, with the book's policy.
+
+    Trains (or loads) the preset's model; a network whose clean accuracy is under
+    :data:`MIN_ACCURACY` is not explained (``table`` is ``None``). Otherwise its evaluation
+    samples are explained dense and through SPADE with the preset's ``sparsity``
+    (:func:`evaluate`, cached), and :data:`MERGED_METHODS` are merged into one row
+    ``"InputXGradient / DeepLift"`` when no score differs by more than :data:`MERGE_ATOL`.
+
+    Parameters
+    ----------
+    preset
+        A preset name or YAML path (:func:`spade_lib.config.load`).
+    samples
+        Overrides the preset's ``samples`` when given.
+    progress
+        Show progress bars.
+    """
+    from spade_lib.train import trained_model
+
+    cfg = config.load(preset, **({"samples": samples} if samples is not None else {}))
+    trained = trained_model(cfg, progress=progress)
+    if trained.clean_accuracy < MIN_ACCURACY:
+        return ArchitectureRun(cfg, trained, None, math.nan)
+    model = trained.model.to(cfg.torch_device())
+    table = evaluate(cfg, model, evaluation_samples(cfg, model), variants=("dense", "spade"),
+                     progress=progress)
+    pair = list(MERGED_METHODS)
+    gap = score_gap(table, pair) if set(pair) <= set(cfg.methods) else math.nan
+    if gap <= MERGE_ATOL:
+        table = merge_methods(table, pair, " / ".join(pair), atol=MERGE_ATOL)
+    return ArchitectureRun(cfg, trained, table, gap)

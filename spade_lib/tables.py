@@ -6,12 +6,18 @@ an average row), :func:`wins` the per-sample counts behind its deltas, :func:`va
 several variants side by side (Tables D.11 and D.14) and :func:`prediction_kept` how often a
 pruned copy still makes the Trojan decision. :func:`merge_methods` folds methods with equal
 scores into one row, as the paper prints InputXGradient and DeepLift on MobileNetV2.
+
+The book's chapter B prints :func:`table_b2` (Table B.2 styled), :func:`headline` and
+:func:`overview` (the models side by side), and its verdicts come from the numbers:
+:func:`gain_sentence` sets the gain against the paper's range (:data:`PAPER_AUC_GAIN`) and
+:func:`difference_sentence` compares two variants, both at one standard error
+(:func:`range_verdict`). :func:`class_change` is the ``"Coat -> Bag"`` label of a decision.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,7 +25,9 @@ import pandas as pd
 from spade_lib import metrics
 
 __all__ = [
-    "merge_methods", "prediction_kept", "score_gap", "summary", "variant_table", "wins",
+    "OVERVIEW_COLUMNS", "PAPER_AUC_GAIN", "class_change", "difference_sentence", "gain_sentence",
+    "headline", "merge_methods", "overview", "prediction_kept", "range_verdict", "score_gap",
+    "summary", "table_b2", "variant_table", "wins",
 ]
 
 def _best_per_method(rows: pd.DataFrame, metric: str,
@@ -279,3 +287,130 @@ def prediction_kept(results: pd.DataFrame) -> pd.Series:
     return per_sample.groupby("variant", sort=False)["keeps_prediction"].mean()
 
 
+
+# --------------------------------------------------------------------------------------------
+# The book's layouts and sentences
+# --------------------------------------------------------------------------------------------
+
+PAPER_AUC_GAIN = (3.0, 12.0)
+"""The paper's range of SPADE's average Trojan AUC gain over the dense model, in points, across
+its settings (Table B.2)."""
+
+
+def class_change(source: int, target: int, classes: Sequence[str] | None = None) -> str:
+    """``"Coat -> Bag"``: the class names of a decision's source and target.
+
+    ``classes`` defaults to :data:`spade_lib.data.FASHION_CLASSES`; an index outside it raises
+    ``IndexError``.
+    """
+    if classes is None:
+        from spade_lib.data import FASHION_CLASSES as classes
+    return f"{classes[int(source)]} -> {classes[int(target)]}"
+
+
+def table_b2(results: pd.DataFrame, variant: str = "spade", baseline: str = "dense",
+             label: str = "SPADE") -> pd.io.formats.style.Styler:
+    """Table B.2 as the book prints it: per method, Dense / ``label`` / delta / standard error
+    for the Trojan AUC and the Pointing Game (in %, one decimal), from :func:`summary`.
+
+    The columns are a two-level index (``("AUC", "Dense")`` ...); the Styler's ``data`` holds the
+    numbers and its caption the sample count.
+    """
+    s = summary(results, variant, baseline)
+    out = pd.DataFrame({
+        ("AUC", "Dense"): s[f"auc_{baseline}"], ("AUC", label): s[f"auc_{variant}"],
+        ("AUC", "delta"): s["auc_delta"], ("AUC", "+- se"): s["auc_se"],
+        ("Pointing Game", "Dense"): s[f"pointing_{baseline}"],
+        ("Pointing Game", label): s[f"pointing_{variant}"],
+        ("Pointing Game", "delta"): s["pointing_delta"],
+        ("Pointing Game", "+- se"): s["pointing_se"],
+    })
+    out.index.name = None
+    return out.style.format("{:.1f}").set_caption(
+        f"{s['n'].iloc[-1]} samples; each number is the better of the two channel aggregations' "
+        "means (the paper's number); delta +- standard error of the per-sample difference")
+
+
+def headline(results: pd.DataFrame, variant: str = "spade", label: str = "SPADE") -> str:
+    """One sentence (Markdown) on ``variant`` against dense: the average AUC and Pointing Game
+    before and after with delta +- standard error, and on how many methods the AUC rose."""
+    table = summary(results, variant)
+    s, per = table.loc["Average"], table.drop("Average")
+    helped = int((per["auc_delta"] > 0).sum())
+    return (f"{label} moves the average AUC from {s['auc_dense']:.1f} to {s[f'auc_{variant}']:.1f} "
+            f"(**{s['auc_delta']:+.1f} +- {s['auc_se']:.1f}** points) and the Pointing Game from "
+            f"{s['pointing_dense']:.1f} to {s[f'pointing_{variant}']:.1f} "
+            f"({s['pointing_delta']:+.1f} +- {s['pointing_se']:.1f}); it raises the AUC of "
+            f"{helped} of {len(per)} methods.")
+
+
+def range_verdict(value: float, se: float, low: float, high: float) -> str:
+    """Whether ``value`` lies in ``[low, high]`` at one standard error ``se``.
+
+    Returns ``"holds"`` (all of ``value +- se`` inside), ``"fails"`` (all of it outside),
+    ``"inconclusive"`` (it straddles a bound, or ``se`` is NaN) or ``"not comparable"``
+    (``value`` is NaN: a method without any score).
+    """
+    if math.isnan(value):
+        return "not comparable"
+    if math.isnan(se):
+        return "inconclusive"
+    lo, hi = value - se, value + se
+    if low <= lo and hi <= high:
+        return "holds"
+    if hi < low or lo > high:
+        return "fails"
+    return "inconclusive"
+
+
+def gain_sentence(results: pd.DataFrame, variant: str = "spade",
+                  paper: tuple[float, float] = PAPER_AUC_GAIN) -> str:
+    """The sentence that sets the average AUC gain of ``variant`` over dense against the paper's
+    range (:data:`PAPER_AUC_GAIN`), with the verdict of :func:`range_verdict`."""
+    s = summary(results, variant).loc["Average"]
+    gain, se = float(s["auc_delta"]), float(s["auc_se"])
+    low, high = paper
+    verdict = range_verdict(gain, se, low, high)
+    start = (f"The paper's SPADE raises the average AUC by {low:g} to {high:g} points across its "
+             "settings")
+    if verdict == "not comparable":
+        return f"{start}; the gain here is not comparable (a method has no score on any sample)."
+    place = "within" if low <= gain <= high else "below" if gain < low else "above"
+    meaning = {"holds": "the paper's range holds at one standard error",
+               "fails": "the paper's range fails at one standard error",
+               "inconclusive": "one standard error reaches across a bound of the range, so the "
+                               "comparison is inconclusive"}[verdict]
+    return f"{start}; the gain here is {place} that range: {meaning}."
+
+
+def difference_sentence(results: pd.DataFrame, variant: str, baseline: str, label: str,
+                        baseline_label: str) -> str:
+    """``variant`` against ``baseline`` on the average AUC: delta +- standard error and whether
+    the difference exceeds one standard error (else: no difference shown)."""
+    s = summary(results, variant, baseline).loc["Average"]
+    delta, se = float(s["auc_delta"]), float(s["auc_se"])
+    text = f"{label} against {baseline_label}: **{delta:+.1f} +- {se:.1f}** AUC points on average"
+    if math.isnan(delta) or math.isnan(se):
+        return f"{text}; no verdict (too few scores)."
+    if abs(delta) <= se:
+        return f"{text}; the difference is within one standard error, so none is shown."
+    side = "ahead of" if delta > 0 else "behind"
+    return f"{text}; {label} is {side} {baseline_label} by more than one standard error."
+
+
+OVERVIEW_COLUMNS = {
+    "auc_dense": "AUC dense", "auc_spade": "AUC SPADE", "auc_delta": "AUC delta",
+    "auc_se": "+- se", "pointing_dense": "PG dense", "pointing_spade": "PG SPADE",
+    "pointing_delta": "PG delta", "n": "samples",
+}
+"""Columns of :func:`overview`: :func:`summary` column -> printed name."""
+
+
+def overview(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """The cross-model overview: one row per model (``label -> results table``), the ``Average``
+    row of its :func:`summary` (dense vs ``spade``), columns :data:`OVERVIEW_COLUMNS`."""
+    rows = {label: summary(t)[list(OVERVIEW_COLUMNS)].loc["Average"]
+            for label, t in tables.items()}
+    out = pd.DataFrame(rows).T
+    out.columns = list(OVERVIEW_COLUMNS.values())
+    return out

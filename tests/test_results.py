@@ -262,3 +262,51 @@ def test_sample_maps_are_the_maps_behind_the_rows(cfg, model, samples) -> None:
     dense, spade = maps["dense"]["Saliency"].map, maps["spade"]["Saliency"].map
     assert not torch.equal(dense, spade)
 
+
+# --------------------------------------------------------------------------------------------
+# Other architectures
+# --------------------------------------------------------------------------------------------
+
+def _pair_frame(gap: float) -> pd.DataFrame:
+    """Dense and SPADE rows of three methods on two samples; DeepLift off by ``gap``."""
+    rows = []
+    for s in (0, 1):
+        for variant in ("dense", "spade"):
+            for m in ("Saliency", "InputXGradient", "DeepLift"):
+                base = 0.5 + 0.1 * s + (0.2 if variant == "spade" else 0.0)
+                auc = base + (gap if m == "DeepLift" else 0.0)
+                rows.append({"sample": s, "method": m, "variant": variant, "auc_sum": auc,
+                             "auc_abs": auc, "pointing_sum": 1.0, "pointing_abs": 0.0,
+                             "keeps_prediction": True})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize(("accuracy", "gap", "merged"), [
+    (0.19, 0.0, None), (0.9, results.MERGE_ATOL / 2, True), (0.9, 2 * results.MERGE_ATOL, False),
+])
+def test_other_architecture_skips_unlearned_models_and_merges_equal_methods(
+        monkeypatch, accuracy, gap, merged) -> None:
+    from spade_lib import train
+
+    calls = []
+    fake = train.TrainResult(torch.nn.Linear(1, 1), accuracy, {"r": 1.0}, 1.0)
+    monkeypatch.setattr(train, "trained_model", lambda cfg, progress=True: fake)
+    monkeypatch.setattr(results, "evaluation_samples", lambda cfg, model: "samples")
+
+    def evaluate(cfg, model, samples, variants, progress):
+        calls.append((samples, variants))
+        return _pair_frame(gap)
+
+    monkeypatch.setattr(results, "evaluate", evaluate)
+    run = results.other_architecture("smoke-mobilenetv2", samples=5, progress=False)
+    assert run.cfg.samples == 5 and run.trained is fake
+    if merged is None:
+        assert run.table is None and math.isnan(run.gap) and calls == []
+        return
+    assert calls == [("samples", ("dense", "spade"))]
+    assert run.gap == pytest.approx(gap) and run.merged is merged
+    methods = list(dict.fromkeys(run.table["method"]))
+    if merged:
+        assert methods == ["Saliency", "InputXGradient / DeepLift"]
+    else:
+        assert methods == ["Saliency", "InputXGradient", "DeepLift"]

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spade_lib import results, tables
+from spade_lib import metrics, results, tables
 
 
 def _frame() -> pd.DataFrame:
@@ -112,3 +112,84 @@ def test_results_keeps_the_moved_names() -> None:
     assert results.summary is tables.summary and results.wins is tables.wins
     assert results.variant_table is tables.variant_table
 
+
+# --------------------------------------------------------------------------------------------
+# The book's layouts and sentences
+# --------------------------------------------------------------------------------------------
+
+def test_table_b2_is_the_summary_in_the_book_layout() -> None:
+    s = tables.summary(_frame())
+    styled = tables.table_b2(_frame())
+    t = styled.data
+    assert list(t.columns) == [("AUC", "Dense"), ("AUC", "SPADE"), ("AUC", "delta"),
+                               ("AUC", "+- se"), ("Pointing Game", "Dense"),
+                               ("Pointing Game", "SPADE"), ("Pointing Game", "delta"),
+                               ("Pointing Game", "+- se")]
+    assert list(t.index) == ["A", "B", "Average"]
+    assert t[("AUC", "SPADE")].tolist() == s["auc_spade"].tolist()
+    assert t[("Pointing Game", "+- se")].tolist() == s["pointing_se"].tolist()
+    assert styled.caption.startswith("3 samples;")
+    versus = tables.table_b2(_frame(), "dense", "spade", label="X").data
+    assert versus.loc["A", ("AUC", "X")] == pytest.approx(80.0)
+    assert versus.loc["A", ("AUC", "delta")] == pytest.approx(-10.0)
+
+
+def test_headline_reads_the_average_row() -> None:
+    text = tables.headline(_frame())
+    se = 100 * np.std((np.array([0.1, 0.2, 0.0]) + np.array([0.1, 0.0, 0.2])) / 2, ddof=1) / 3**.5
+    assert text.startswith(f"SPADE moves the average AUC from 70.0 to 80.0 (**+10.0 +- {se:.1f}**")
+    assert "Pointing Game from 50.0 to 83.3 (+33.3" in text
+    assert text.endswith("it raises the AUC of 2 of 2 methods.")
+
+
+@pytest.mark.parametrize(("value", "se", "verdict"), [
+    (7.0, 1.0, "holds"), (3.0, 0.0, "holds"), (2.5, 1.0, "inconclusive"),
+    (12.5, 1.0, "inconclusive"), (1.0, 1.0, "fails"), (14.0, 1.5, "fails"),
+    (7.0, math.nan, "inconclusive"), (math.nan, 1.0, "not comparable"),
+])
+def test_range_verdict_at_one_standard_error(value, se, verdict) -> None:
+    assert tables.range_verdict(value, se, 3.0, 12.0) == verdict
+
+
+def test_gain_and_difference_sentences_follow_the_numbers() -> None:
+    frame = _frame()[lambda f: f["method"] == "A"]  # AUC gain 10.0 +- 5.8 (deltas 10, 20, 0)
+    text = tables.gain_sentence(frame)
+    assert text.startswith("The paper's SPADE raises the average AUC by 3 to 12 points")
+    assert "within that range" in text and "inconclusive" in text
+    assert "holds" in tables.gain_sentence(frame, paper=(0.0, 20.0))
+    assert "below that range: the paper's range fails" in tables.gain_sentence(
+        frame, paper=(20.0, 30.0))
+    both = _frame()
+    nan = both.assign(auc_sum=np.where(both["method"] == "B", np.nan, both["auc_sum"]),
+                      auc_abs=np.where(both["method"] == "B", np.nan, both["auc_abs"]))
+    assert "not comparable" in tables.gain_sentence(nan)
+    ahead = tables.difference_sentence(frame, "spade", "dense", "S", "D")
+    assert ahead.startswith("S against D: **+10.0 +- ")
+    assert ahead.endswith("S is ahead of D by more than one standard error.")
+    behind = tables.difference_sentence(frame, "dense", "spade", "D", "S")
+    assert behind.endswith("D is behind S by more than one standard error.")
+    same = frame.copy()
+    same.loc[same["variant"] == "spade", metrics.SCORE_COLUMNS] = same.loc[
+        same["variant"] == "dense", metrics.SCORE_COLUMNS].to_numpy()
+    assert "within one standard error" in tables.difference_sentence(same, "spade", "dense",
+                                                                     "S", "D")
+
+
+def test_overview_takes_each_models_average_row() -> None:
+    merged = tables.merge_methods(
+        pd.concat([_frame(), _frame().query("method == 'A'").assign(method="A2")]), ["A", "A2"])
+    out = tables.overview({"first": _frame(), "second": merged})
+    assert list(out.index) == ["first", "second"]
+    assert list(out.columns) == list(tables.OVERVIEW_COLUMNS.values())
+    s = tables.summary(merged).loc["Average"]
+    assert out.loc["second", "AUC SPADE"] == s["auc_spade"]
+    assert out.loc["second", "+- se"] == s["auc_se"]
+    assert out.loc["first", "PG delta"] == pytest.approx(100 / 3)
+    assert out.loc["first", "samples"] == 3
+
+
+def test_class_change_names_both_classes() -> None:
+    assert tables.class_change(4, 8) == "Coat -> Bag"
+    assert tables.class_change(np.int64(0), 9, classes=list("abcdefghij")) == "a -> j"
+    with pytest.raises(IndexError):
+        tables.class_change(10, 0)
