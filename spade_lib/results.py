@@ -397,16 +397,10 @@ def evaluate(
                       [r.name for r in samples.poisoned.rules])
     target = open_store(cfg, store, key)
     if target is not None:
-        meta = target.read_meta()
-        if meta is not None and meta.get("key") != key:
-            raise ValueError(f"store {str(target.path)!r} holds results of run "
-                             f"{meta.get('key')!r}, not {key!r}")
-        if meta is None:
-            target.write_meta({"key": key, "config": cfg.to_dict(), "methods": methods,
-                               "variants": [v.describe() for v in chosen],
-                               "method_options": method_options or {},
-                               "model": model_fingerprint(model),
-                               "numerics": reproducibility.settings()})
+        _check_meta(target, key, {
+            "key": key, "config": cfg.to_dict(), "methods": methods,
+            "variants": [v.describe() for v in chosen], "method_options": method_options or {},
+            "model": model_fingerprint(model), "numerics": reproducibility.settings()})
     done = target.done() if target is not None else set()
     ids = samples.ids
     fresh: dict[int, pd.DataFrame] = {}
@@ -426,6 +420,17 @@ def evaluate(
     else:
         table = pd.concat([fresh[s] for s in ids], ignore_index=True)
     return _ordered(table, ids, methods, [v.name for v in chosen])
+
+
+def _check_meta(target: ResultStore, key: str, meta: dict[str, Any]) -> None:
+    """Refuse a store that holds another run's results; write ``meta`` into a store without
+    (or with a damaged) ``meta.json``."""
+    saved = target.read_meta()
+    if saved is not None and saved.get("key") != key:
+        raise ValueError(f"store {str(target.path)!r} holds results of run "
+                         f"{saved.get('key')!r}, not {key!r}")
+    if saved is None:
+        target.write_meta(meta)
 
 
 def _ordered(table: pd.DataFrame, ids: Sequence[int], methods: Sequence[str],
