@@ -7,7 +7,8 @@ layers (it should agree between the two, since the algorithm is the same).
 
 The baseline is the algorithm as published: per-image augmentation with torchvision transforms,
 one forward pass per layer with its whole input unfolded, and the SparseGPT column loop without
-lazy blocks (:func:`fastobc_reference`, also the reference the tests compare the solver with).
+lazy blocks (``fastobc_reference`` from ``tests/reference.py``, also the reference the tests
+compare the solver with).
 
 Examples
 --------
@@ -24,11 +25,12 @@ GPU, torchvision ResNet-50 at 224 px with 1024 augmentations::
 from __future__ import annotations
 
 import argparse
-import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -36,52 +38,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spade_lib import pruning
+from spade_lib import pruning, schedules
+from spade_lib.hessians import conv_columns
 from spade_lib.trace import trace, trace_batch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference import fastobc_reference  # noqa: E402 (the readable solver, shared with the tests)
 
 # --------------------------------------------------------------------------------------------
 # The straightforward implementation (baseline)
 # --------------------------------------------------------------------------------------------
-
-
-def fastobc_reference(
-    weight: Tensor, hessian: Tensor, sparsity: float, mask_group: int | str | None = None,
-    damp: float = 0.01,
-) -> Tensor:
-    """SparseGPT / FastOBC as published: one column at a time, every later column updated.
-
-    Dead inputs get a unit diagonal and zero weights; ``H`` is damped by ``damp`` times its mean
-    diagonal; ``U`` is the upper Cholesky factor of ``H^-1``. At the first column of each group
-    of ``mask_group`` columns (default :func:`spade_lib.pruning.default_mask_group`: ``kh*kw``, 1
-    for linear, widened for layers with few rows; ``"row"``: the whole row), the
-    ``round(sparsity * rows * group)`` smallest ``w^2 / U_jj^2`` of the group are masked; then
-    each column's error ``(w_j - q_j) / U_jj`` is subtracted from all later columns.
-    """
-    w = weight.detach().flatten(1).clone().to(torch.promote_types(weight.dtype, torch.float32))
-    h = hessian.detach().clone().to(w.dtype)
-    rows, n = w.shape
-    group = pruning.default_mask_group(weight.shape) if mask_group is None else mask_group
-    group = n if group == "row" else group
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += damp * h.diagonal().mean() * torch.eye(n, dtype=h.dtype, device=h.device)
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    u = torch.linalg.cholesky(hinv, upper=True)
-    mask = torch.zeros_like(w, dtype=torch.bool)
-    for j in range(n):
-        if j % group == 0:
-            g = slice(j, min(j + group, n))
-            scores = (w[:, g] / u.diagonal()[g]) ** 2
-            count = math.floor(sparsity * scores.numel() + 0.5)
-            chosen = torch.zeros(scores.numel(), dtype=torch.bool, device=w.device)
-            chosen[scores.flatten().argsort()[:count]] = True
-            mask[:, g] = chosen.view_as(scores)
-        q = torch.where(mask[:, j], 0.0, w[:, j])
-        err = (w[:, j] - q) / u[j, j]
-        w[:, j:] -= err[:, None] * u[j, j:][None, :]
-        w[:, j] = q
-    return w.view_as(weight).to(weight.dtype)
 
 
 def naive_augment(image: Tensor, n: int, seed: int) -> Tensor:
@@ -117,7 +83,7 @@ def naive_hessians(model: nn.Module, batches: list[Tensor], layers: list[str]) -
             handle.remove()
         x = torch.cat(parts)
         if isinstance(module, nn.Conv2d):
-            x = pruning.conv_columns(module, x).transpose(1, 2).flatten(0, 1)
+            x = conv_columns(module, x).transpose(1, 2).flatten(0, 1)
         else:
             x = x.reshape(-1, x.shape[-1])
         out[name] = 2 * x.T @ x / x.shape[0]
@@ -125,7 +91,7 @@ def naive_hessians(model: nn.Module, batches: list[Tensor], layers: list[str]) -
 
 
 @torch.no_grad()
-def naive_trace(model: nn.Module, image: Tensor, sparsity: pruning.SparsitySpec,
+def naive_trace(model: nn.Module, image: Tensor, sparsity: schedules.SparsitySpec,
                 n_augmentations: int,
                 batch_size: int, seed: int) -> tuple[list[float], dict[str, float]]:
     """Prune a copy of ``model`` for ``image`` the straightforward way; (errors, timings)."""
@@ -135,18 +101,18 @@ def naive_trace(model: nn.Module, image: Tensor, sparsity: pruning.SparsitySpec,
     aug = naive_augment(image, n_augmentations, seed)
     clock["augment"] = _now(device) - t
     pruned = _copy_eval(model)
-    targets = {k: v for k, v in pruning.resolve_sparsity(pruned, sparsity).items() if v > 0}
+    targets = {k: v for k, v in schedules.resolve_sparsity(pruned, sparsity).items() if v > 0}
     layers = list(targets)
     t = _now(device)
-    hessians = naive_hessians(pruned, list(aug.split(batch_size)), layers)
+    stats = naive_hessians(pruned, list(aug.split(batch_size)), layers)
     clock["hessians"] = _now(device) - t
     modules = dict(pruned.named_modules())
     errors = []
     t = _now(device)
     for name in layers:
         weight = modules[name].weight
-        new = fastobc_reference(weight, hessians[name], targets[name])
-        err, ref = pruning.reconstruction_errors(weight, new[None], hessians[name][None])
+        new = fastobc_reference(weight, stats[name], targets[name])
+        err, ref = pruning.reconstruction_errors(weight, new[None], stats[name][None])
         errors.append(err[0] / ref[0])
         weight.copy_(new)
     clock["solve"] = _now(device) - t
@@ -158,7 +124,7 @@ def naive_trace(model: nn.Module, image: Tensor, sparsity: pruning.SparsitySpec,
 # Measurement helpers
 # --------------------------------------------------------------------------------------------
 
-def _spec(text: str) -> pruning.SparsitySpec:
+def _spec(text: str) -> schedules.SparsitySpec:
     """A sparsity given on the command line: a float, ``preset:NAME`` (that preset's sparsity),
     else a config schedule string."""
     if text.startswith("preset:"):
@@ -277,7 +243,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"device: {name} ({torch.get_num_threads()} CPU threads, load average {load} before "
           f"the run); {args.arch} at "
-          f"{args.image_size} px, {len(pruning.default_layers(model))} layers, "
+          f"{args.image_size} px, {len(schedules.default_layers(model))} layers, "
           f"{args.n_augmentations} augmentations, sparsity {args.sparsity}, "
           f"{args.samples} samples (after one warm-up sample)")
 

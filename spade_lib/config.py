@@ -21,6 +21,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from spade_lib import schedules
+
 PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
 DEFAULT_CACHE = PARAMS_DIR.parent / ".cache"
 
@@ -172,32 +174,17 @@ def _matches(value: Any, tp: Any) -> bool:
 
 
 def _check_sparsity(value: Any) -> None:
-    def bad(what: str) -> ValueError:
-        return ValueError(
-            f"config key 'sparsity': {what}; allowed: a float in [0, 1), 'linear', "
-            f"'linear:FIRST:LAST', 'only:PREFIX[,PREFIX...]:S' or a mapping of layer name "
-            f"to a float in [0, 1)"
-        )
-
-    if isinstance(value, str):
-        parts = value.split(":")
-        if parts[0] == "linear" and len(parts) in (1, 3):
-            numbers = parts[1:]
-        elif parts[0] == "only" and len(parts) == 3 and parts[1]:
-            numbers = parts[2:]
+    """Check the ``sparsity`` key with the schedule parser (:mod:`spade_lib.schedules`)."""
+    try:
+        if isinstance(value, str):
+            schedules.parse_spec(value)
+        elif isinstance(value, dict):
+            for key, v in value.items():
+                schedules.check_sparsity(v, f"sparsity of {key!r}")
         else:
-            raise bad(f"unknown schedule {value!r}")
-        try:
-            values = [float(p) for p in numbers]
-        except ValueError:
-            raise bad(f"bad numbers in {value!r}") from None
-    elif isinstance(value, dict):
-        values = list(value.values())
-    else:
-        values = [value]
-    for v in values:
-        if not 0.0 <= float(v) < 1.0:
-            raise bad(f"value {v!r} is outside [0, 1)")
+            schedules.check_sparsity(value, "value")
+    except ValueError as e:
+        raise ValueError(f"config key 'sparsity': {e}") from None
 
 
 def _check_methods(methods: list[str]) -> None:

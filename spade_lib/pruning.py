@@ -1,12 +1,13 @@
-"""Layer-wise pruning for SPADE: input statistics, OBS-family solvers and sparsity schedules.
+"""Layer-wise pruning for SPADE: the OBS-family solvers.
 
 A layer with weight ``W`` (``[out, in]``, or a conv weight flattened to ``[out, in*kh*kw]``) is
 pruned by solving the reconstruction problem ``min ||W X - W_hat X||^2`` over a sparse ``W_hat``,
 where ``X`` holds the layer's inputs (a conv's inputs unfolded into columns). Everything a solver
-needs from ``X`` is the Hessian ``H = (2/N) X X^T``, so :func:`layer_hessians` collects it once for
-every chosen layer in one pass over the data and :func:`prune_layer` solves each layer from it.
+needs from ``X`` is the Hessian ``H = (2/N) X X^T``, which :func:`spade_lib.hessians.layer_hessians`
+collects once for every chosen layer in one pass over the data; :func:`prune_layer` solves each
+layer from it. Which layers are pruned and how sparse is :mod:`spade_lib.schedules`.
 
-Solvers (``method``):
+Solvers (``method``, registered by name in :data:`SOLVERS`, see :func:`register_solver`):
 
 ``obc``
     Exact Optimal Brain Compression: per row, greedy OBS removals with rank-1 downdates of the
@@ -32,34 +33,38 @@ the budget.
 
 from __future__ import annotations
 
-import contextlib
-import fnmatch
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from spade_lib.hessians import conv_columns, eval_mode, layer_hessians  # noqa: F401 (re-exported)
+from spade_lib.schedules import (  # noqa: F401 (re-exported: the old import paths keep working)
+    LinearSchedule,
+    OnlyBlocks,
+    SparsitySpec,
+    default_layers,
+    linear,
+    only,
+    prunable_layers,
+    resolve_sparsity,
+    select_layers,
+)
+from spade_lib.schedules import check_sparsity as _check_sparsity
 
 __all__ = [
-    "METHODS", "LinearSchedule", "OnlyBlocks", "PruneInfo", "SparsitySpec",
-    "SparsityTargetWarning", "check_method",
-    "conv_columns", "default_layers", "default_mask_group", "eval_mode", "layer_hessians",
-    "linear", "only",
-    "prunable_layers", "prune_layer", "prune_layer_batch", "reconstruction_errors",
-    "resolve_sparsity", "select_layers",
+    "METHODS", "SOLVERS", "PruneInfo", "Solver", "SparsityTargetWarning", "check_method",
+    "default_mask_group", "get_solver", "prune_layer", "prune_layer_batch",
+    "reconstruction_errors", "register_solver",
 ]
 
 METHODS = ("fastobc", "obc", "magnitude")
-OPTIONS = {
-    "fastobc": ("damp", "mask_group", "block_size"),
-    "obc": ("damp", "batch_bytes"),
-    "magnitude": (),
-}
+"""The built-in solvers, in the order the paper compares them (:data:`SOLVERS` holds them all)."""
 MAX_DAMP_TRIES = 8
 MIN_GROUP_WEIGHTS = 128
 
@@ -79,278 +84,59 @@ def default_mask_group(shape: Sequence[int]) -> int:
     return min(per_channel * channels, math.prod(shape[1:]))
 
 
+
 # --------------------------------------------------------------------------------------------
-# Layer statistics
+# The solver registry
 # --------------------------------------------------------------------------------------------
 
-def _is_prunable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+SolveFn = Callable[[Tensor, Tensor, tuple[int, ...], float, Mapping[str, Any]],
+                   tuple[Tensor, Tensor, int]]
 
 
-def _get_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Module]:
-    """Look up named Conv2d (``groups == 1``) / Linear modules, with a clear error otherwise."""
-    if isinstance(layers, str):
-        raise TypeError(f"layers must be a sequence of names, not the string {layers!r}")
-    named = dict(model.named_modules())
-    valid = [n for n, m in named.items() if _is_prunable(m)]
-    out = {}
-    for name in layers:
-        if name not in named or not _is_prunable(named[name]):
-            what = ("unknown layer" if name not in named
-                    else "layer is not a Conv2d (groups=1) or Linear")
-            raise ValueError(f"{what}: {name!r}; valid layers: {', '.join(valid)}")
-        out[name] = named[name]
-    return out
+@dataclass(frozen=True)
+class Solver:
+    """A pruning method: its name, the options it accepts and the function that solves.
 
-
-def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    """Amounts ``(left, right, top, bottom)`` by which ``conv`` pads its input."""
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return (0, 0, 0, 0)
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-        (th, tw) = total
-        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
-    ph, pw = conv.padding
-    return (pw, pw, ph, ph)
-
-
-def _pad_input(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """``x`` padded the way ``conv`` pads it (any padding mode, ``"same"`` included)."""
-    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    return F.pad(x, _conv_padding(conv), mode=mode)
-
-
-def conv_columns(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """Unfold a conv's input ``[B, C, H, W]`` into columns ``[B, C*kh*kw, L]``.
-
-    Rows are in ``(c_in, kh, kw)`` order, matching ``conv.weight.flatten(1)``, so that
-    ``conv(x) == weight.flatten(1) @ columns`` (plus bias) at each of the ``L`` output positions.
+    ``solve(w, h, shape, sparsity, options)`` receives the flattened weights ``[S, rows, n]`` (in
+    the compute dtype, possibly a broadcast view: not to be modified in place), the undamped
+    Hessians ``[S, n, n]``, the layer's weight shape and the checked options. It returns the
+    pruned weights ``[S, rows, n]``, the relative damping used per sample (``[S]``, float64;
+    zeros for a solver without damping) and the mask group in columns (``n``: the whole row).
     """
-    return F.unfold(_pad_input(conv, x), conv.kernel_size, dilation=conv.dilation,
-                    stride=conv.stride)
+
+    name: str
+    options: tuple[str, ...]
+    solve: SolveFn
 
 
-def _tap_matrix(x: Tensor, taps: Sequence[tuple[int, int]], out_hw: tuple[int, int],
-                stride: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
-    """Patch entries ``[C * len(taps), B * Ho * Wo]`` of an already padded input ``x``.
+SOLVERS: dict[str, Solver] = {}
+"""Solver name -> :class:`Solver`; :func:`prune_layer` looks ``method`` up here."""
 
-    Rows are ``(c, tap)`` in order, columns ``(b, oy, ox)``: one gather of strided views straight
-    into the layout the Gram product wants (no unfold plus transpose).
+
+def register_solver(name: str, options: Sequence[str] = ()) -> Callable[[SolveFn], SolveFn]:
+    """Decorator that adds a solve function to :data:`SOLVERS` under ``name``.
+
+    ``options`` are the keyword options the solver accepts (others are refused by
+    :func:`check_method`). Raises ``ValueError`` if ``name`` is taken.
     """
-    xt = x.transpose(0, 1)
-    (ho, wo), (sh, sw), (dh, dw) = out_hw, stride, dilation
-    views = [xt[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]
-             for i, j in taps]
-    return torch.stack(views, 1).reshape(x.shape[1] * len(taps), -1)
+    def wrap(fn: SolveFn) -> SolveFn:
+        if name in SOLVERS:
+            raise ValueError(f"pruning method {name!r} is already registered")
+        SOLVERS[name] = Solver(name, tuple(options), fn)
+        return fn
+
+    return wrap
 
 
-def _window(x: Tensor, top: int, bottom: int, left: int, right: int) -> Tensor:
-    """``x[..., top:bottom, left:right]`` in image coordinates, zero outside the image."""
-    h, w = x.shape[-2:]
-    t, b, lo, r = max(top, 0), min(bottom, h), max(left, 0), min(right, w)
-    return F.pad(x[..., t:b, lo:r], (lo - left, right - r, t - top, bottom - b))
+def get_solver(method: str) -> Solver:
+    """The registered solver called ``method``.
 
-
-def _ring(conv: nn.Conv2d, h: int, w: int) -> list[tuple[range, range, list[tuple[int, int]]]]:
-    """Anchors that touch an ``h x w`` image but are not output positions of the stride-1 ``conv``.
-
-    An anchor ``u`` (image coordinates) has the patch ``x[u + (i*dh, j*dw)]``. Anchors touching the
-    image span ``[-eh, h) x [-ew, w)`` (``e`` the dilated kernel extent); the conv's outputs span
-    ``[-pt, h + pb - eh) x [-pl, w + pr - ew)``. Returns the difference as strips (rows, cols) with
-    the kernel taps ``(i, j)`` that can reach the image from there.
+    Raises ``ValueError`` listing the valid names if there is none.
     """
-    (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
-    eh, ew = dh * (kh - 1), dw * (kw - 1)
-    pl, pr, pt, pb = _conv_padding(conv)
-    y0, y1 = max(-pt, -eh), min(h + pb - eh, h)
-    x0, x1 = max(-pl, -ew), min(w + pr - ew, w)
-    y1, x1 = max(y0, y1), max(x0, x1)
-    strips = [(range(-eh, y0), range(-ew, w)), (range(y1, h), range(-ew, w)),
-              (range(y0, y1), range(-ew, x0)), (range(y0, y1), range(x1, w))]
-    out = []
-    for rows, cols in strips:
-        if not rows or not cols:
-            continue
-        ti = [i for i in range(kh) if any(0 <= u + i * dh < h for u in rows)]
-        tj = [j for j in range(kw) if any(0 <= v + j * dw < w for v in cols)]
-        if ti and tj:
-            out.append((rows, cols, [(i, j) for i in ti for j in tj]))
-    return out
-
-
-def _use_shift_gram(conv: nn.Conv2d, h: int, w: int, ho: int, wo: int) -> bool:
-    """Whether :func:`_shift_gram` applies to ``conv`` and needs fewer flops than unfolding."""
-    if conv.stride != (1, 1) or conv.padding_mode != "zeros":
-        return False
-    (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
-    c, k = conv.in_channels, conv.in_channels * kh * kw
-    shifts = ((2 * kh - 1) * (2 * kw - 1) + 1) // 2
-    cost = shifts * c * c * (h + dh * (kh - 1)) * (w + dw * (kw - 1))
-    for rows, cols, taps in _ring(conv, h, w):
-        cost += (c * len(taps)) ** 2 * len(rows) * len(cols)
-    return cost < k * k * ho * wo
-
-
-def _shift_gram(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """``sum p p^T`` over the patches ``p`` of a stride-1 zero-padded conv, without unfolding.
-
-    Summed over all anchors whose patch touches the image, block ``(a, b)`` (two kernel taps) is
-    the image's correlation ``G`` at the shift ``b - a``. With ``e`` zeros between rows and
-    between images (``e`` the kernel's extent), every ``G`` is one matrix product of the flattened
-    input with a shifted view of itself, and ``G(-s) = G(s)^T``: about ``(2k-1)^2 / 2`` products
-    of ``C x C`` instead of one of ``C k^2 x C k^2``. The anchors that are not output positions
-    (a thin ring, :func:`_ring`) are then unfolded and subtracted.
-    """
-    b, c, h, w = x.shape
-    (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
-    eh, ew = dh * (kh - 1), dw * (kw - 1)
-    z = x.new_zeros(c, b, h + eh, w + ew)
-    z[:, :, eh // 2:eh // 2 + h, ew // 2:ew // 2 + w] = x.transpose(0, 1)
-    z = z.view(c, -1)
-    n, wz = z.shape[1], w + ew
-    cache: dict[int, Tensor] = {}
-
-    def gram(s: int) -> Tensor:
-        if s < 0:
-            return gram(-s).T
-        if s not in cache:
-            cache[s] = z[:, :n - s] @ z[:, s:].T
-        return cache[s]
-
-    taps = [(i, j) for i in range(kh) for j in range(kw)]
-    blocks = torch.stack([torch.stack([gram((i2 - i1) * dh * wz + (j2 - j1) * dw)
-                                       for (i2, j2) in taps]) for (i1, j1) in taps])
-    out = blocks.permute(2, 0, 3, 1).reshape(c * kh * kw, c * kh * kw)
-    for rows, cols, sub in _ring(conv, h, w):
-        window = _window(x, rows.start, rows.stop + eh, cols.start, cols.stop + ew)
-        ring = _tap_matrix(window, sub, (len(rows), len(cols)), (1, 1), conv.dilation)
-        idx = torch.tensor([ch * kh * kw + i * kw + j for ch in range(c) for i, j in sub],
-                           device=x.device)
-        out.index_put_((idx[:, None], idx[None, :]), -(ring @ ring.T), accumulate=True)
-    return out
-
-
-class _Accumulator:
-    """Running ``sum x x^T`` and column count for one layer, in chunks of bounded size."""
-
-    def __init__(self, module: nn.Module, dtype: torch.dtype, chunk_size: int) -> None:
-        self.module, self.dtype, self.chunk_size = module, dtype, chunk_size
-        self.sum: Tensor | None = None
-        self.count = 0
-
-    def _add(self, gram: Tensor, count: int) -> None:
-        if self.sum is None:
-            self.sum = torch.zeros_like(gram)
-        self.sum += gram
-        self.count += count
-
-    def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        x = inputs[0].detach().to(self.dtype)
-        if isinstance(module, nn.Linear):
-            x = x.reshape(-1, x.shape[-1])
-            step = max(1, self.chunk_size // x.shape[1])
-            for i in range(0, x.shape[0], step):
-                self._add(x[i:i + step].T @ x[i:i + step], x[i:i + step].shape[0])
-            return
-        k = module.in_channels * math.prod(module.kernel_size)
-        (h, w), (ho, wo) = x.shape[-2:], output.shape[-2:]
-        step = max(1, self.chunk_size // (k * ho * wo))
-        shift = _use_shift_gram(module, h, w, ho, wo)
-        taps = [(i, j) for i in range(module.kernel_size[0]) for j in range(module.kernel_size[1])]
-        for i in range(0, x.shape[0], step):
-            chunk = x[i:i + step]
-            if shift:
-                self._add(_shift_gram(module, chunk), chunk.shape[0] * ho * wo)
-            else:
-                cols = _tap_matrix(_pad_input(module, chunk), taps, (ho, wo), module.stride,
-                                   module.dilation)
-                self._add(cols @ cols.T, cols.shape[1])
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode, and restore each one's own flag afterwards."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-
-
-def _as_batches(batches: Tensor | Iterable[Tensor], batch_size: int | None) -> Iterator[Tensor]:
-    if isinstance(batches, Tensor):
-        step = batches.shape[0] if batch_size is None else batch_size
-        for i in range(0, batches.shape[0], step):
-            yield batches[i:i + step]
-        return
-    for batch in batches:
-        if not isinstance(batch, Tensor):
-            raise TypeError(f"batches must hold tensors, got {type(batch).__name__}")
-        yield batch
-
-
-@torch.no_grad()
-def layer_hessians(
-    model: nn.Module,
-    batches: Tensor | Iterable[Tensor],
-    layers: Sequence[str],
-    dtype: torch.dtype = torch.float32,
-    chunk_size: int = 2**24,
-    batch_size: int | None = None,
-) -> dict[str, Tensor]:
-    """Hessians ``H = (2/N) sum x x^T`` of the inputs of the named layers, in one pass.
-
-    Forward hooks on the named Conv2d/Linear modules collect the inputs while ``model`` runs (in
-    eval mode, restored afterwards; hooks are removed also on error). A conv's input is unfolded
-    into columns in ``(c_in, kh, kw)`` order honouring kernel, stride, padding and dilation; ``N``
-    counts all columns (batch times output positions). Extra leading dims of a Linear's input are
-    flattened into rows.
-
-    Parameters
-    ----------
-    model
-        The (dense) network; batches are moved to its device.
-    batches
-        A tensor (split into ``batch_size`` pieces) or an iterable of input tensors.
-    layers
-        Module names (as in ``model.named_modules()``) of Conv2d (``groups == 1``) or Linear layers.
-    dtype
-        Accumulation dtype (``torch.float64`` for extra accuracy).
-    chunk_size
-        At most this many elements of unfolded input are held at once per layer (at least one
-        image), so memory stays bounded however large the batch is.
-    batch_size
-        Split size when ``batches`` is a tensor (``None``: one batch).
-
-    Returns
-    -------
-    dict
-        Layer name to ``[n, n]`` Hessian with ``n = weight.flatten(1).shape[1]``.
-    """
-    modules = _get_layers(model, layers)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    accs = {name: _Accumulator(m, dtype, chunk_size) for name, m in modules.items()}
-    device = next(model.parameters()).device
-    handles = []
-    try:
-        for name, m in modules.items():
-            handles.append(m.register_forward_hook(accs[name]))
-        with eval_mode(model):
-            for batch in _as_batches(batches, batch_size):
-                model(batch.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    for name, acc in accs.items():
-        if acc.sum is None:
-            raise RuntimeError(f"layer {name!r} received no input while the model ran")
-        out[name] = acc.sum.mul_(2.0 / acc.count)
-    return out
+    if not isinstance(method, str) or method not in SOLVERS:
+        raise ValueError(f"unknown pruning method {method!r}; valid methods: "
+                         f"{', '.join(SOLVERS)}")
+    return SOLVERS[method]
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,21 +202,12 @@ def _budgets(sparsity: float, rows: int, n: int, group: int) -> tuple[int, int]:
     return budget, sum(_round(sparsity * size) for size in sizes) - budget
 
 
-def _check_sparsity(sparsity: Any, what: str = "sparsity") -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise ValueError(f"{what} must be a number in [0, 1), got {sparsity!r}")
-    if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"{what} {sparsity!r} is outside the allowed range [0, 1)")
-    return float(sparsity)
-
-
 def check_method(method: str, options: Mapping[str, Any]) -> None:
     """Validate a solver name and its options (raises ``ValueError`` naming what is allowed)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; valid methods: {', '.join(METHODS)}")
-    unknown = sorted(set(options) - set(OPTIONS[method]))
+    allowed_options = get_solver(method).options
+    unknown = sorted(set(options) - set(allowed_options))
     if unknown:
-        allowed = ", ".join(OPTIONS[method]) or "none"
+        allowed = ", ".join(allowed_options) or "none"
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for method {method!r}; "
                          f"allowed: {allowed}")
     damp = options.get("damp", 0.01)
@@ -600,6 +377,40 @@ def _magnitude(w: Tensor, sparsity: float) -> Tensor:
     return w.masked_fill(mask, 0.0)
 
 
+@register_solver("fastobc", options=("damp", "mask_group", "block_size"))
+def _solve_fastobc(w: Tensor, h: Tensor, shape: tuple[int, ...], sparsity: float,
+                   options: Mapping[str, Any]) -> tuple[Tensor, Tensor, int]:
+    """FastOBC (:func:`_fastobc`) with the Cholesky factor of the damped inverse Hessian."""
+    n = h.shape[-1]
+    w, hclean = _drop_dead(w, h)
+    damp = float(options.get("damp", 0.01))
+    group = options.get("mask_group")
+    if group is None:
+        group = default_mask_group(shape)
+    group = n if group == "row" else min(group, n)
+    _, u, damps = _damped_inverse(hclean, damp, upper=True)
+    return _fastobc(w, u, sparsity, group, options.get("block_size", 128)), damps, group
+
+
+@register_solver("obc", options=("damp", "batch_bytes"))
+def _solve_obc(w: Tensor, h: Tensor, shape: tuple[int, ...], sparsity: float,
+               options: Mapping[str, Any]) -> tuple[Tensor, Tensor, int]:
+    """Exact OBC (:func:`_obc`), one sample at a time, rows batched within ``batch_bytes``."""
+    w, hclean = _drop_dead(w, h)
+    hd, hinv, damps = _damped_inverse(hclean, float(options.get("damp", 0.01)), upper=False)
+    batch_bytes = options.get("batch_bytes", 2**31 if w.is_cuda else 2**28)
+    out = torch.stack([_obc(w[s], hd[s], hinv[s], sparsity, batch_bytes)
+                       for s in range(w.shape[0])])
+    return out, damps, h.shape[-1]
+
+
+@register_solver("magnitude")
+def _solve_magnitude(w: Tensor, h: Tensor, shape: tuple[int, ...], sparsity: float,
+                     options: Mapping[str, Any]) -> tuple[Tensor, Tensor, int]:
+    """Magnitude pruning (:func:`_magnitude`): no Hessian, no damping."""
+    return _magnitude(w, sparsity), torch.zeros(w.shape[0], dtype=torch.float64), h.shape[-1]
+
+
 def _solve(
     weight: Tensor, hessians: Tensor, sparsity: float, method: str, options: Mapping[str, Any],
 ) -> tuple[Tensor, list[PruneInfo]]:
@@ -609,26 +420,7 @@ def _solve(
     h = hessians.to(weight.device, dtype)
     S, n = h.shape[0], h.shape[-1]
     w = weight.detach().flatten(1).to(dtype).expand(S, -1, -1)
-    damps = torch.zeros(S, dtype=torch.float64)
-    group = n
-    if method == "magnitude":
-        out = _magnitude(w, sparsity)
-    else:
-        w, hclean = _drop_dead(w, h)
-        damp = float(options.get("damp", 0.01))
-        if method == "fastobc":
-            group = options.get("mask_group")
-            if group is None:
-                group = default_mask_group(weight.shape)
-            group = n if group == "row" else min(group, n)
-            _, u, damps = _damped_inverse(hclean, damp, upper=True)
-            out = _fastobc(w, u, sparsity, group, options.get("block_size", 128))
-        else:
-            hd, hinv, damps = _damped_inverse(hclean, damp, upper=False)
-            default_bytes = 2**31 if w.is_cuda else 2**28
-            out = torch.stack([
-                _obc(w[s], hd[s], hinv[s], sparsity, options.get("batch_bytes", default_bytes))
-                for s in range(S)])
+    out, damps, group = SOLVERS[method].solve(w, h, tuple(weight.shape), sparsity, options)
     if w.is_cuda:
         torch.cuda.synchronize(w.device)
     seconds = (time.perf_counter() - start) / S
@@ -694,7 +486,8 @@ def prune_layer(
     sparsity
         Fraction of weights to remove, in ``[0, 1)`` (see the module notes on rounding).
     method
-        ``"fastobc"`` (default), ``"obc"`` or ``"magnitude"``.
+        A name in :data:`SOLVERS`: ``"fastobc"`` (default), ``"obc"``, ``"magnitude"`` or one
+        added with :func:`register_solver`; an unknown name raises ``ValueError`` listing them.
     **options
         ``damp`` (fastobc, obc): relative damping, a fraction of the mean diagonal (0.01).
         ``mask_group`` (fastobc): columns per mask group; ``None`` is the paper's choice (``kh*kw``,
@@ -729,135 +522,3 @@ def prune_layer_batch(
     check_method(method, options)
     _check_layer(weight, hessians, batched=True)
     return _solve(weight, hessians, sparsity, method, options)
-
-
-# --------------------------------------------------------------------------------------------
-# Layer choice and sparsity schedules
-# --------------------------------------------------------------------------------------------
-
-def prunable_layers(model: nn.Module) -> list[str]:
-    """Names of all Conv2d (``groups == 1``) and Linear modules, in module order."""
-    return [name for name, m in model.named_modules() if _is_prunable(m)]
-
-
-def default_layers(model: nn.Module) -> list[str]:
-    """The paper's default: every Conv2d and Linear except the stem and grouped convs.
-
-    The stem is the first Conv2d in module order; depthwise and other grouped convs are skipped.
-    """
-    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    stem = convs[0] if convs else None
-    return [name for name in prunable_layers(model) if name != stem]
-
-
-def select_layers(model: nn.Module, patterns: str | Sequence[str]) -> list[str]:
-    """Prunable layers whose names match any of the fnmatch-style ``patterns``, in module order.
-
-    A pattern that matches no prunable layer is an error that lists the valid names.
-    """
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    valid = prunable_layers(model)
-    if not isinstance(patterns, Iterable) or not (patterns := list(patterns)):
-        raise ValueError(f"layers must be a name or pattern, or a non-empty sequence of them, got "
-                         f"{patterns!r}; valid layers: {', '.join(valid)}")
-    for p in patterns:
-        if not isinstance(p, str) or not fnmatch.filter(valid, p):
-            raise ValueError(f"layer pattern {p!r} matches no Conv2d (groups=1) or Linear layer; "
-                             f"valid layers: {', '.join(valid)}")
-    return [name for name in valid if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
-
-
-@dataclass(frozen=True)
-class LinearSchedule:
-    """Sparsity rising linearly from ``first`` (first pruned layer) to ``last`` (last one)."""
-
-    first: float = 0.0
-    last: float = 0.99
-
-
-@dataclass(frozen=True)
-class OnlyBlocks:
-    """Prune only the layers under the given name prefixes (Table D.13); the others stay dense."""
-
-    blocks: tuple[str, ...]
-    sparsity: float
-
-
-SparsitySpec = float | Mapping[str, float] | LinearSchedule | OnlyBlocks | str
-
-
-def linear(first: float = 0.0, last: float = 0.99) -> LinearSchedule:
-    """The paper's linear schedule over the pruned layers in network order (0 to 0.99)."""
-    return LinearSchedule(_check_sparsity(first, "first"), _check_sparsity(last, "last"))
-
-
-def only(blocks: str | Sequence[str], sparsity: float) -> OnlyBlocks:
-    """Prune only layers whose names are, or start with, ``block + "."`` for a given block."""
-    blocks = (blocks,) if isinstance(blocks, str) else tuple(blocks)
-    if not blocks:
-        raise ValueError("only() needs at least one block name prefix")
-    return OnlyBlocks(blocks, _check_sparsity(sparsity))
-
-
-def _parse_spec(spec: str) -> SparsitySpec:
-    """Parse the config strings ``linear``, ``linear:FIRST:LAST`` and ``only:P[,P...]:S``."""
-    parts = spec.split(":")
-    try:
-        if parts[0] == "linear" and len(parts) == 1:
-            return linear()
-        if parts[0] == "linear" and len(parts) == 3:
-            return linear(float(parts[1]), float(parts[2]))
-        if parts[0] == "only" and len(parts) == 3 and parts[1]:
-            return only(parts[1].split(","), float(parts[2]))
-    except ValueError as e:
-        raise ValueError(f"bad sparsity spec {spec!r}: {e}") from None
-    raise ValueError(f"unknown sparsity spec {spec!r}; allowed: a float in [0, 1), 'linear', "
-                     "'linear:FIRST:LAST', 'only:PREFIX[,PREFIX...]:S', a dict, linear(), only()")
-
-
-def resolve_sparsity(
-    model: nn.Module, spec: SparsitySpec, layers: Sequence[str] | None = None,
-) -> dict[str, float]:
-    """Per-layer target sparsity for ``layers`` (default :func:`default_layers`), in order.
-
-    ``spec`` is a float (every layer), a dict whose keys are layer names or block prefixes (a
-    layer takes the value of the longest key it equals or starts with followed by a dot, e.g.
-    ``{"layers.3": 0.9, "fc": 0.9}``; layers no key covers get 0, i.e. stay dense; a key covering
-    no layer is an error listing the valid ones), :func:`linear`,
-    :func:`only` or one of the config strings ``"linear"``, ``"linear:FIRST:LAST"``,
-    ``"only:PREFIX[,PREFIX...]:S"``. With a single layer, ``linear`` gives it ``last``.
-    """
-    layers = default_layers(model) if layers is None else list(layers)
-    _get_layers(model, layers)
-    if isinstance(spec, str):
-        spec = _parse_spec(spec)
-    if isinstance(spec, LinearSchedule):
-        n = len(layers)
-        step = (spec.last - spec.first) / (n - 1) if n > 1 else 0.0
-        start = spec.first if n > 1 else spec.last
-        return {name: start + step * i for i, name in enumerate(layers)}
-    if isinstance(spec, OnlyBlocks):
-        for b in spec.blocks:
-            if not any(name == b or name.startswith(b + ".") for name in layers):
-                raise ValueError(f"block {b!r} contains none of the pruned layers; "
-                                 f"valid layers: {', '.join(layers)}")
-        return {name: spec.sparsity if any(name == b or name.startswith(b + ".")
-                                           for b in spec.blocks) else 0.0 for name in layers}
-    if isinstance(spec, Mapping):
-        def covers(key: str, name: str) -> bool:
-            return name == key or name.startswith(key + ".")
-
-        unknown = [k for k in spec if not isinstance(k, str)
-                   or not any(covers(k, name) for name in layers)]
-        if unknown:
-            raise ValueError(f"unknown layer(s) in sparsity dict: {', '.join(map(repr, unknown))}; "
-                             f"keys are layer names or block prefixes of: {', '.join(layers)}")
-        out = {}
-        for name in layers:
-            hits = [k for k in spec if covers(k, name)]
-            key = max(hits, key=len) if hits else None
-            out[name] = 0.0 if key is None else _check_sparsity(spec[key], f"sparsity of {key!r}")
-        return out
-    value = _check_sparsity(spec)
-    return dict.fromkeys(layers, value)

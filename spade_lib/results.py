@@ -255,7 +255,7 @@ def variant_network(cfg: Config, model: nn.Module, samples: Samples, position: i
         donor = isd_donor(samples.test, int(info["clean_label"]), target, seed)
         source = samples.test.float_images([donor])[0]
     result = trace(model, source, sparsity=variant.sparsity, pruner=cfg.pruner,
-                   n_augmentations=cfg.n_augmentations, augment=cfg.augment,
+                   n_augmentations=cfg.n_augmentations, recipe=cfg.augment,
                    batch_size=TRACE_BATCH, seed=seed)
     return result.model, result.timings["total"], donor
 

@@ -21,7 +21,7 @@ import copy
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,10 +31,10 @@ import yaml
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from spade_lib import metrics, pruning, results, trojan
+from spade_lib import hessians, metrics, pruning, results, schedules, trojan
+from spade_lib.augment import augmented_batches
 from spade_lib.config import Config
 from spade_lib.files import atomic_write
-from spade_lib.trace import augment
 
 __all__ = [
     "GRID", "SEARCH_AGGREGATIONS", "SEARCH_KEYS", "Candidates", "SearchResult", "greedy_search",
@@ -84,7 +84,7 @@ def layer_groups(
     model
         The network.
     layers
-        The pruned layers (default :func:`spade_lib.pruning.default_layers`).
+        The pruned layers (default :func:`spade_lib.schedules.default_layers`).
     groups
         ``None``: automatic; a layer belongs to the top-level module above it, except that a
         container whose children are all containers (a list of stages, like our ResNets'
@@ -98,8 +98,8 @@ def layer_groups(
     dict
         Group name to its layers, groups ordered by their first layer.
     """
-    layers = pruning.default_layers(model) if layers is None else list(layers)
-    pruning.resolve_sparsity(model, 0.0, layers)
+    layers = schedules.default_layers(model) if layers is None else list(layers)
+    schedules.resolve_sparsity(model, 0.0, layers)
     if not layers:
         raise ValueError("there are no layers to group")
     if groups is None:
@@ -136,7 +136,7 @@ def layer_groups(
 def _check_grid(grid: Sequence[float]) -> tuple[float, ...]:
     if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or not grid:
         raise ValueError(f"grid must be a non-empty list of sparsities in [0, 1), got {grid!r}")
-    values = tuple(pruning._check_sparsity(v, "grid value") for v in grid)
+    values = tuple(schedules.check_sparsity(v, "grid value") for v in grid)
     if len(set(values)) != len(values):
         raise ValueError(f"grid values must be unique, got {list(grid)}")
     return values
@@ -213,13 +213,6 @@ def greedy_search(
 # Candidate networks
 # --------------------------------------------------------------------------------------------
 
-def _views(image: Tensor, n: int, recipe: str, seed: int, batch_size: int) -> Iterator[Tensor]:
-    """The augmented batches :func:`spade_lib.trace.trace` draws for ``seed`` (same order)."""
-    gen = torch.Generator(device=image.device).manual_seed(seed)
-    for i in range(0, n, batch_size):
-        yield augment(image, min(batch_size, n - i), recipe, gen)
-
-
 class Candidates:
     """Pruned weights of every layer at every requested sparsity, per sample, stitched on demand.
 
@@ -233,15 +226,16 @@ class Candidates:
         One augmentation seed per sample (as given to :func:`spade_lib.trace.trace`).
     layers
         The layers that may be pruned.
-    pruner, n_augmentations, augment, batch_size
-        As in :func:`spade_lib.trace.trace`.
+    pruner, n_augmentations, recipe, batch_size
+        As in :func:`spade_lib.trace.trace`; the views are the trace's
+        (:func:`spade_lib.augment.augmented_batches`).
     **pruner_options
         Passed to :func:`spade_lib.pruning.prune_layer`.
     """
 
     def __init__(self, model: nn.Module, images: Tensor, seeds: Sequence[int],
                  layers: Sequence[str], pruner: str = "fastobc", n_augmentations: int = 1024,
-                 augment: str = "default", batch_size: int = results.TRACE_BATCH,
+                 recipe: str = "default", batch_size: int = results.TRACE_BATCH,
                  **pruner_options: Any) -> None:
         if images.dim() != 4 or len(seeds) != images.shape[0]:
             raise ValueError(f"need images [S, 3, H, W] and one seed per image, got "
@@ -254,8 +248,8 @@ class Candidates:
         device = next(self.dense.parameters()).device
         self.hessians: list[dict[str, Tensor]] = []
         for image, seed in zip(images.to(device), seeds, strict=True):
-            batches = _views(image, n_augmentations, augment, int(seed), batch_size)
-            self.hessians.append(pruning.layer_hessians(self.dense, batches, self.layers))
+            batches = augmented_batches(image, n_augmentations, recipe, int(seed), batch_size)
+            self.hessians.append(hessians.layer_hessians(self.dense, batches, self.layers))
         self._modules = dict(self.work.named_modules())
         self._dense = {name: dict(self.dense.named_modules())[name].weight.detach()
                        for name in self.layers}

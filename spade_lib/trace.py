@@ -1,15 +1,16 @@
 """SPADE traces: a copy of the network pruned for one input, with a per-layer report.
 
-:func:`trace` augments the sample (:func:`augment`), collects every chosen layer's input Hessian
-from the DENSE network on the augmented batch, prunes each layer to its target sparsity with an
-OBS-family solver (:mod:`spade_lib.pruning`) and returns the pruned copy. The caller's network is
-never changed. :func:`trace_batch` does the same for many samples with batched solves.
+:func:`trace` augments the sample (:mod:`spade_lib.augment`), collects every chosen layer's input
+Hessian from the DENSE network on the augmented batch (:mod:`spade_lib.hessians`), prunes each
+layer to its target sparsity (:mod:`spade_lib.schedules`) with an OBS-family solver
+(:mod:`spade_lib.pruning`) and returns the pruned copy. The caller's network is never changed.
+:func:`trace_batch` does the same for many samples with batched solves; :func:`trace` is the
+batched path for one sample.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 import time
 import warnings
@@ -22,202 +23,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from spade_lib import pruning
+from spade_lib import hessians, pruning, schedules
+from spade_lib.augment import (  # noqa: F401 (augment, check_image re-exported from here)
+    RECIPES,
+    augment,
+    augmented_batches,
+    check_image,
+)
 
-__all__ = ["RECIPES", "REPORT_COLUMNS", "Trace", "augment", "check_image", "trace",
-           "trace_batch"]
+__all__ = ["REPORT_COLUMNS", "Trace", "trace", "trace_batch"]
 
-RECIPES = ("default", "convnext")
-
-
-# --------------------------------------------------------------------------------------------
-# Augmentation
-# --------------------------------------------------------------------------------------------
-
-def _uniform(n: int, low: float, high: float, gen: torch.Generator | None,
-             device: torch.device) -> Tensor:
-    gdev = gen.device if gen is not None else device
-    return (torch.rand(n, generator=gen, device=gdev) * (high - low) + low).to(device)
-
-
-def _crop_boxes(n: int, height: int, width: int, gen: torch.Generator | None,
-                device: torch.device, scale: tuple[float, float] = (0.2, 1.0),
-                ratio: tuple[float, float] = (3 / 4, 4 / 3), tries: int = 10) -> Tensor:
-    """Integer boxes ``(top, left, h, w)`` drawn as torchvision's RandomResizedCrop does.
-
-    Each sample draws ``tries`` (area, log-aspect) pairs at once and keeps the first box that fits;
-    samples with none fall back to the central crop with the aspect clamped to ``ratio``.
-    """
-    area = height * width
-    target = area * _uniform(n * tries, *scale, gen, device).view(n, tries)
-    aspect = torch.exp(_uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), gen, device))
-    aspect = aspect.view(n, tries)
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.to(torch.uint8).argmax(1)
-    w, h = w.gather(1, first[:, None])[:, 0], h.gather(1, first[:, None])[:, 0]
-    ok = fits.any(1)
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fw, fh = round(height * ratio[1]), height
-    else:
-        fw, fh = width, height
-    w, h = torch.where(ok, w, float(fw)), torch.where(ok, h, float(fh))
-    u, v = _uniform(n, 0, 1, gen, device), _uniform(n, 0, 1, gen, device)
-    top = torch.where(ok, torch.floor(u * (height - h + 1)), float((height - fh) // 2))
-    left = torch.where(ok, torch.floor(v * (width - w + 1)), float((width - fw) // 2))
-    return torch.stack([top, left, h, w], 1)
-
-
-def _resized_crop(x: Tensor, boxes: Tensor, flip: Tensor) -> Tensor:
-    """Crop boxes ``(top, left, h, w)`` of ``x`` ``[1, C, H, W]``, resize each to ``H x W``.
-
-    Bilinear with ``align_corners=False`` and edge clamping inside the box, which equals resizing
-    the cropped image (the crops are never larger than the image, so no antialiasing is needed);
-    ``flip`` mirrors a copy horizontally. One ``grid_sample`` call for the whole batch.
-    """
-    n, (_, c, height, width) = boxes.shape[0], x.shape
-    top, left, h, w = boxes.unbind(1)
-    theta = torch.zeros(n, 2, 3, device=x.device)
-    theta[:, 0, 0] = torch.where(flip, -1.0, 1.0) * w / width
-    theta[:, 0, 2] = (2 * left + w) / width - 1
-    theta[:, 1, 1] = h / height
-    theta[:, 1, 2] = (2 * top + h) / height - 1
-    grid = torch.nn.functional.affine_grid(theta, [n, c, height, width], align_corners=False)
-    for axis, start, size, full in ((0, left, w, width), (1, top, h, height)):
-        low = ((2 * start + 1) / full - 1)[:, None, None]
-        high = ((2 * (start + size) - 1) / full - 1)[:, None, None]
-        grid[..., axis] = torch.minimum(torch.maximum(grid[..., axis], low), high)
-    return torch.nn.functional.grid_sample(x.expand(n, -1, -1, -1), grid, mode="bilinear",
-                                           padding_mode="border", align_corners=False)
-
-
-def _rgb_to_hsv(x: Tensor) -> Tensor:
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
-    delta = maxc - minc
-    s = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
-    return torch.stack([h, s, maxc], 1)
-
-
-def _hsv_to_rgb(x: Tensor) -> Tensor:
-    h, s, v = x.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.long) % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    table = torch.stack([torch.stack(c, 1) for c in
-                         [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]], 0)
-    return table.gather(0, i[None, :, None].expand(1, -1, 3, *i.shape[1:]))[0]
-
-
-def _adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
-    hsv = _rgb_to_hsv(x)
-    hsv[:, 0] = (hsv[:, 0] + shift[:, None, None]) % 1.0
-    return _hsv_to_rgb(hsv)
-
-
-def _erase_boxes(n: int, height: int, width: int, gen: torch.Generator | None,
-                 device: torch.device, scale: tuple[float, float] = (0.02, 0.33),
-                 ratio: tuple[float, float] = (0.3, 3.3), tries: int = 10) -> Tensor:
-    """Boxes ``(top, left, h, w)`` as torchvision's RandomErasing draws them (``h = 0``: none)."""
-    area = height * width
-    target = area * _uniform(n * tries, *scale, gen, device).view(n, tries)
-    aspect = torch.exp(_uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), gen, device))
-    aspect = aspect.view(n, tries)
-    h = torch.round(torch.sqrt(target * aspect))
-    w = torch.round(torch.sqrt(target / aspect))
-    fits = (h < height) & (w < width)
-    first = fits.to(torch.uint8).argmax(1)
-    h, w = h.gather(1, first[:, None])[:, 0], w.gather(1, first[:, None])[:, 0]
-    ok = fits.any(1)
-    h, w = torch.where(ok, h, 0.0), torch.where(ok, w, 0.0)
-    u, v = _uniform(n, 0, 1, gen, device), _uniform(n, 0, 1, gen, device)
-    top, left = torch.floor(u * (height - h + 1)), torch.floor(v * (width - w + 1))
-    return torch.stack([top, left, h, w], 1)
-
-
-def check_image(image: Any, dtype: torch.dtype | None = None) -> Tensor:
-    """Check an image is ``[3, H, W]`` or ``[1, 3, H, W]`` and finite; return ``[3, H, W]``.
-
-    ``dtype``: the model's floating dtype, which the image must then have.
-    """
-    if not isinstance(image, Tensor):
-        raise ValueError(f"image must be a torch.Tensor, got {type(image).__name__}")
-    if image.dim() == 4 and image.shape[0] == 1:
-        image = image[0]
-    if image.dim() != 3 or image.shape[0] != 3 or image.numel() == 0:
-        raise ValueError(f"image must have shape [3, H, W] or [1, 3, H, W] with H, W >= 1, got "
-                         f"{list(image.shape)}")
-    if not image.is_floating_point():
-        raise ValueError(f"image must be a float tensor with values in [0, 1], got {image.dtype}")
-    if dtype is not None and image.dtype != dtype:
-        raise ValueError(f"image dtype {image.dtype} differs from the model's {dtype}; allowed: "
-                         f"{dtype} (convert with image.to({dtype}))")
-    if not torch.isfinite(image).all():
-        raise ValueError("image contains NaN or inf values")
-    return image
-
-
-def augment(
-    image: Tensor, n: int, recipe: str = "default",
-    generator: torch.Generator | int | None = None,
-) -> Tensor:
-    """``n`` augmented copies ``[n, 3, H, W]`` of ``image`` (the SPADE recipe), on its device.
-
-    ``default``: RandomResizedCrop (scale 0.2-1, aspect 3/4-4/3, back to ``H x W``, bilinear),
-    horizontal flip with p 0.5, ColorJitter (brightness 0.5, hue 0.3, in random order per copy).
-    ``convnext`` (Table C.8) adds Gaussian noise of variance 0.001 (then clipped to [0, 1]) and
-    RandomErasing (p 0.5, scale 0.02-0.33, ratio 0.3-3.3, value 0). All copies are made at once with
-    tensor ops; the original image is not among them. ``generator`` (a ``torch.Generator`` or an
-    int seed for one on the image's device) makes the batch reproducible.
-    """
-    image = check_image(image)
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown augmentation recipe {recipe!r}; valid: {', '.join(RECIPES)}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"number of augmentations must be an int >= 1, got {n!r}")
-    if isinstance(generator, int) and not isinstance(generator, bool):
-        generator = torch.Generator(device=image.device).manual_seed(generator)
-    gen, dev = generator, image.device
-    _, height, width = image.shape
-    x = image[None].float()
-
-    boxes = _crop_boxes(n, height, width, gen, dev)
-    out = _resized_crop(x, boxes, _uniform(n, 0, 1, gen, dev) < 0.5)
-
-    bright = _uniform(n, 0.5, 1.5, gen, dev)[:, None, None, None]
-    hue = _uniform(n, -0.3, 0.3, gen, dev)
-    hue_first = (_uniform(n, 0, 1, gen, dev) < 0.5)[:, None, None, None]
-    out = _adjust_hue(torch.where(hue_first, out, (out * bright).clamp(0, 1)), hue)
-    out = torch.where(hue_first, (out * bright).clamp(0, 1), out)
-
-    if recipe == "convnext":
-        gdev = gen.device if gen is not None else dev
-        noise = torch.randn(out.shape, generator=gen, device=gdev).to(dev)
-        out = (out + math.sqrt(0.001) * noise).clamp(0, 1)
-        erase = _uniform(n, 0, 1, gen, dev) < 0.5
-        top, left, h, w = _erase_boxes(n, height, width, gen, dev).unbind(1)
-        h = torch.where(erase, h, 0.0)
-        rows = torch.arange(height, device=dev)[None, :, None]
-        cols = torch.arange(width, device=dev)[None, None, :]
-        box = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
-               & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None]))
-        out = out.masked_fill(box[:, None], 0.0)
-    return out.to(image.dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Traces
-# --------------------------------------------------------------------------------------------
 
 @dataclass
 class Trace:
@@ -266,12 +81,14 @@ class _Clock:
         self.seconds[phase] += time.perf_counter() - start
 
 
-def _augmented_batches(image: Tensor, n: int, recipe: str, batch_size: int,
-                       gen: torch.Generator, clock: _Clock) -> Iterator[Tensor]:
-    """Augmented copies in batches, generated lazily so memory stays bounded; timed."""
-    for i in range(0, n, batch_size):
+def _timed(batches: Iterator[Tensor], clock: _Clock) -> Iterator[Tensor]:
+    """``batches`` unchanged, the time spent making each one added to the clock's ``augment``."""
+    while True:
         t = clock.start()
-        batch = augment(image, min(batch_size, n - i), recipe, gen)
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
         clock.stop("augment", t)
         yield batch
 
@@ -288,23 +105,25 @@ def _dtype(model: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
-def _plan(model: nn.Module, sparsity: pruning.SparsitySpec, pruner: str,
-          layers: Sequence[str] | str | None, n_augmentations: int, augment_recipe: str,
+def _plan(model: nn.Module, sparsity: schedules.SparsitySpec, pruner: str,
+          layers: Sequence[str] | str | None, n_augmentations: int, recipe: str,
           batch_size: int, seed: int, options: dict[str, Any]) -> dict[str, float]:
     """Validate everything before work starts; returns the layers to prune and their targets."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if "augment" in options:
+        raise ValueError("the augmentation recipe is passed as recipe=, not augment= (renamed; "
+                         "the config key is still 'augment')")
     pruning.check_method(pruner, options)
-    if augment_recipe not in RECIPES:
-        raise ValueError(f"unknown augmentation recipe {augment_recipe!r}; "
-                         f"valid: {', '.join(RECIPES)}")
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown augmentation recipe {recipe!r}; valid: {', '.join(RECIPES)}")
     for name, value in (("n_augmentations", n_augmentations), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    chosen = None if layers is None else pruning.select_layers(model, layers)
-    targets = pruning.resolve_sparsity(model, sparsity, chosen)
+    chosen = None if layers is None else schedules.select_layers(model, layers)
+    targets = schedules.resolve_sparsity(model, sparsity, chosen)
     return {name: s for name, s in targets.items() if s > 0}
 
 
@@ -347,18 +166,77 @@ def _warn_flagged(reports: Sequence[pd.DataFrame]) -> None:
         return
     many = len(reports) > 1
     text = "; ".join(f"sample {i}: {f}" if many else f for i, f in flags)
+    # stack: _warn_flagged, _traces, trace or trace_batch, torch.no_grad's wrapper, the caller
     warnings.warn(f"pruned layers off their target: {text}", pruning.SparsityTargetWarning,
-                  stacklevel=3)
+                  stacklevel=5)
+
+
+def _statistics(nets: Sequence[nn.Module], images: Tensor, names: list[str], n: int, recipe: str,
+                batch_size: int, seed: int, clock: _Clock) -> dict[str, list[Tensor]]:
+    """Hessians of the layers ``names``: sample ``i`` on ``nets[i]``, its views seeded ``seed + i``.
+
+    Returns ``{name: [H_0, H_1, ...]}``, one ``[n, n]`` per sample. The time spent making views is
+    counted under ``augment``, not ``hessians``.
+    """
+    stats: dict[str, list[Tensor]] = {name: [] for name in names}
+    for i, (net, image) in enumerate(zip(nets, images, strict=True)):
+        batches = _timed(augmented_batches(image, n, recipe, seed + i, batch_size), clock)
+        before = clock.seconds["augment"]
+        t = clock.start()
+        for name, h in hessians.layer_hessians(net, batches, names).items():
+            stats[name].append(h)
+        clock.stop("hessians", t)
+        clock.seconds["hessians"] -= clock.seconds["augment"] - before
+    return stats
+
+
+def _traces(model: nn.Module, images: Tensor, targets: dict[str, float], pruner: str,
+            n_augmentations: int, recipe: str, batch_size: int, seed: int, sequential: bool,
+            progress: bool, options: dict[str, Any]) -> list[Trace]:
+    """The batched path behind :func:`trace` and :func:`trace_batch` (arguments checked).
+
+    Every sample's Hessians come from the dense copy in one pass (or, with ``sequential``, layer
+    by layer from that sample's partially pruned copy); each layer is then solved for all samples
+    at once with :func:`spade_lib.pruning.prune_layer_batch`. One sample prunes the dense copy
+    itself, which is exactly what a single trace does.
+    """
+    device = _device(model)
+    images = images.to(device)
+    samples = images.shape[0]
+    clock = _Clock(device)
+    begin = clock.start()
+    dense = copy.deepcopy(model).eval()
+    copies = [dense] if samples == 1 else [copy.deepcopy(dense) for _ in range(samples)]
+    modules = [dict(c.named_modules()) for c in copies]
+    dense_weights = {name: dict(dense.named_modules())[name].weight for name in targets}
+    args = (n_augmentations, recipe, batch_size, seed, clock)
+    if not sequential and targets:
+        stats = _statistics([dense] * samples, images, list(targets), *args)
+    infos: list[dict[str, pruning.PruneInfo]] = [{} for _ in range(samples)]
+    for name in tqdm(targets, desc="pruning layers", disable=not progress):
+        layer = _statistics(copies, images, [name], *args)[name] if sequential else stats.pop(name)
+        t = clock.start()
+        new, layer_infos = pruning.prune_layer_batch(
+            dense_weights[name], torch.stack(layer), targets[name], pruner, **options)
+        for i in range(samples):
+            modules[i][name].weight.copy_(new[i])
+            infos[i][name] = layer_infos[i]
+        clock.stop("solve", t)
+    clock.seconds["total"] = time.perf_counter() - begin
+    per_sample = {k: v / samples for k, v in clock.seconds.items()}
+    reports = [_report(copies[i], targets, infos[i]) for i in range(samples)]
+    _warn_flagged(reports)
+    return [Trace(copies[i], reports[i], dict(per_sample)) for i in range(samples)]
 
 
 @torch.no_grad()
 def trace(
     model: nn.Module,
     image: Tensor,
-    sparsity: pruning.SparsitySpec = 0.9,
+    sparsity: schedules.SparsitySpec = 0.9,
     pruner: str = "fastobc",
     n_augmentations: int = 1024,
-    augment: str = "default",
+    recipe: str = "default",
     batch_size: int = 256,
     seed: int = 0,
     layers: Sequence[str] | str | None = None,
@@ -376,16 +254,19 @@ def trace(
     image
         ``[3, H, W]`` or ``[1, 3, H, W]``, float in [0, 1], finite.
     sparsity
-        A float, a dict of layer names, :func:`spade_lib.pruning.linear`,
-        :func:`spade_lib.pruning.only` or a config string; see
-        :func:`spade_lib.pruning.resolve_sparsity`. Layers whose target is 0 are left as they are.
+        A float, a dict of layer names, :func:`spade_lib.schedules.linear`,
+        :func:`spade_lib.schedules.only` or a config string; see
+        :func:`spade_lib.schedules.resolve_sparsity`. Layers whose target is 0 are left as they
+        are.
     pruner
-        ``"fastobc"``, ``"obc"`` or ``"magnitude"``.
-    n_augmentations, augment, batch_size, seed
-        Size and recipe of the augmented batch, forward batch size, and the seed that makes the
-        trace reproducible.
+        A solver of :data:`spade_lib.pruning.SOLVERS`: ``"fastobc"``, ``"obc"`` or
+        ``"magnitude"``.
+    n_augmentations, recipe, batch_size, seed
+        Size and recipe (:data:`spade_lib.augment.RECIPES`; the config key ``augment``) of the
+        augmented batch, forward batch size, and the seed that makes the trace reproducible
+        (the views are :func:`spade_lib.augment.augmented_batches` for ``seed``).
     layers
-        Layer names or fnmatch patterns (default: :func:`spade_lib.pruning.default_layers`).
+        Layer names or fnmatch patterns (default: :func:`spade_lib.schedules.default_layers`).
     sequential
         Recompute each layer's Hessian on the partially pruned copy (an ablation); by default all
         layers use the dense model's statistics, as in the paper.
@@ -405,54 +286,22 @@ def trace(
         Naming every layer that is empty, above its target beyond rounding (``excess``) or kept
         weights so that rounding does not empty a group (``spared``); see :attr:`Trace.report`.
     """
-    targets = _plan(model, sparsity, pruner, layers, n_augmentations, augment, batch_size, seed,
+    targets = _plan(model, sparsity, pruner, layers, n_augmentations, recipe, batch_size, seed,
                     pruner_options)
     image = check_image(image, _dtype(model))
-    device = _device(model)
-    image = image.to(device)
-    clock = _Clock(device)
-    begin = clock.start()
-    pruned = copy.deepcopy(model).eval()
-    modules = dict(pruned.named_modules())
-
-    def hessians(names: list[str]) -> dict[str, Tensor]:
-        gen = torch.Generator(device=device).manual_seed(seed)
-        batches = _augmented_batches(image, n_augmentations, augment, batch_size, gen, clock)
-        t = clock.start()
-        out = pruning.layer_hessians(pruned, batches, names)
-        clock.stop("hessians", t)
-        return out
-
-    if not sequential and targets:
-        stats = hessians(list(targets))
-        clock.seconds["hessians"] -= clock.seconds["augment"]
-    infos = {}
-    for name in tqdm(targets, desc="pruning layers", disable=not progress):
-        if sequential:
-            before = clock.seconds["augment"]
-            h = hessians([name])[name]
-            clock.seconds["hessians"] -= clock.seconds["augment"] - before
-        else:
-            h = stats.pop(name)
-        t = clock.start()
-        weight = modules[name].weight
-        new, infos[name] = pruning.prune_layer(weight, h, targets[name], pruner, **pruner_options)
-        weight.copy_(new)
-        clock.stop("solve", t)
-    clock.seconds["total"] = time.perf_counter() - begin
-    report = _report(pruned, targets, infos)
-    _warn_flagged([report])
-    return Trace(pruned, report, dict(clock.seconds))
+    (out,) = _traces(model, image[None], targets, pruner, n_augmentations, recipe, batch_size,
+                     seed, sequential, progress, pruner_options)
+    return out
 
 
 @torch.no_grad()
 def trace_batch(
     model: nn.Module,
     images: Tensor,
-    sparsity: pruning.SparsitySpec = 0.9,
+    sparsity: schedules.SparsitySpec = 0.9,
     pruner: str = "fastobc",
     n_augmentations: int = 1024,
-    augment: str = "default",
+    recipe: str = "default",
     batch_size: int = 256,
     seed: int = 0,
     layers: Sequence[str] | str | None = None,
@@ -466,7 +315,7 @@ def trace_batch(
     layer is then solved for all samples together (batched Cholesky and column sweep), which
     raises throughput where the solver is bound by per-step overhead. Timings are per sample.
     """
-    targets = _plan(model, sparsity, pruner, layers, n_augmentations, augment, batch_size, seed,
+    targets = _plan(model, sparsity, pruner, layers, n_augmentations, recipe, batch_size, seed,
                     pruner_options)
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] == 0:
         shape = list(images.shape) if isinstance(images, Tensor) else type(images).__name__
@@ -476,35 +325,5 @@ def trace_batch(
             check_image(img, _dtype(model))
         except ValueError as e:
             raise ValueError(f"images[{i}]: {e}") from None
-    device = _device(model)
-    images = images.to(device)
-    samples = images.shape[0]
-    clock = _Clock(device)
-    begin = clock.start()
-    dense = copy.deepcopy(model).eval()
-    stats: dict[str, list[Tensor]] = {name: [] for name in targets}
-    for i in range(samples):
-        gen = torch.Generator(device=device).manual_seed(seed + i)
-        batches = _augmented_batches(images[i], n_augmentations, augment, batch_size, gen, clock)
-        before = clock.seconds["augment"]
-        t = clock.start()
-        for name, h in pruning.layer_hessians(dense, batches, list(targets)).items():
-            stats[name].append(h)
-        clock.stop("hessians", t)
-        clock.seconds["hessians"] -= clock.seconds["augment"] - before
-    copies = [copy.deepcopy(dense) for _ in range(samples)]
-    infos: list[dict[str, pruning.PruneInfo]] = [{} for _ in range(samples)]
-    for name in tqdm(targets, desc="pruning layers", disable=not progress):
-        t = clock.start()
-        weight = dict(dense.named_modules())[name].weight
-        new, layer_infos = pruning.prune_layer_batch(
-            weight, torch.stack(stats.pop(name)), targets[name], pruner, **pruner_options)
-        for i in range(samples):
-            dict(copies[i].named_modules())[name].weight.copy_(new[i])
-            infos[i][name] = layer_infos[i]
-        clock.stop("solve", t)
-    clock.seconds["total"] = time.perf_counter() - begin
-    per_sample = {k: v / samples for k, v in clock.seconds.items()}
-    reports = [_report(copies[i], targets, infos[i]) for i in range(samples)]
-    _warn_flagged(reports)
-    return [Trace(copies[i], reports[i], dict(per_sample)) for i in range(samples)]
+    return _traces(model, images, targets, pruner, n_augmentations, recipe, batch_size, seed,
+                   False, progress, pruner_options)

@@ -23,12 +23,13 @@ import torch
 from nets import Tiny
 from torch import nn
 
-from spade_lib import attribution, config, data, metrics, pruning
+from spade_lib import attribution, config, data, hessians, metrics, pruning
 
 trace_mod = importlib.import_module("spade_lib.trace")
+augment_mod = importlib.import_module("spade_lib.augment")
 train_mod = importlib.import_module("spade_lib.train")
 
-AUGMENT = trace_mod.augment  # the real one, for the rows that call it directly
+AUGMENT = augment_mod.augment  # the real one, for the rows that call it directly
 SIDE = 16
 NAN, INF = math.nan, math.inf
 
@@ -40,9 +41,9 @@ def _work(*args: Any, **kwargs: Any) -> None:
 @pytest.fixture(autouse=True)
 def no_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Every expensive step fails the test if it is reached."""
-    monkeypatch.setattr(trace_mod, "augment", _work)
-    monkeypatch.setattr(trace_mod, "_crop_boxes", _work)
-    monkeypatch.setattr(pruning, "layer_hessians", _work)
+    monkeypatch.setattr(augment_mod, "augment", _work)
+    monkeypatch.setattr(augment_mod, "_crop_boxes", _work)
+    monkeypatch.setattr(hessians, "layer_hessians", _work)
     monkeypatch.setattr(pruning, "_solve", _work)
     monkeypatch.setattr(train_mod, "train", _work)
     monkeypatch.setattr(data, "_download_fashion_mnist", _work)
@@ -121,15 +122,15 @@ CONFIG: list[Row] = [
     ("n-aug-bool", lambda c: config.from_dict({"n_augmentations": True}), ValueError,
      r"'n_augmentations' has value True of type bool; allowed: int"),
     ("sparsity-one", lambda c: config.from_dict({"sparsity": 1.0}), ValueError,
-     r"'sparsity': value 1.0 is outside \[0, 1\); allowed: a float in \[0, 1\)"),
+     r"config key 'sparsity': value 1.0 is outside the allowed range \[0, 1\)"),
     ("sparsity-negative", lambda c: config.from_dict({"sparsity": -0.5}), ValueError,
-     r"'sparsity': value -0.5 is outside \[0, 1\)"),
+     r"config key 'sparsity': value -0.5 is outside the allowed range \[0, 1\)"),
     ("sparsity-nan", lambda c: config.from_dict({"sparsity": NAN}), ValueError,
-     r"'sparsity': value nan is outside \[0, 1\)"),
+     r"config key 'sparsity': value nan is outside the allowed range \[0, 1\)"),
     ("sparsity-schedule", lambda c: config.from_dict({"sparsity": "cubic"}), ValueError,
-     r"'sparsity': unknown schedule 'cubic'; allowed: .*'linear:FIRST:LAST'"),
+     r"config key 'sparsity': unknown sparsity spec 'cubic'; allowed: .*'linear:FIRST:LAST'"),
     ("sparsity-dict", lambda c: config.from_dict({"sparsity": {"fc": 1.5}}), ValueError,
-     r"'sparsity': value 1.5 is outside \[0, 1\)"),
+     r"config key 'sparsity': sparsity of 'fc' 1.5 is outside the allowed range \[0, 1\)"),
     ("methods-unknown", lambda c: config.from_dict({"methods": ["Saliency", "Gradcam"]}),
      ValueError, r"'methods': unknown attribution method\(s\) \['Gradcam'\]; allowed: Saliency, "
      r".*GradientShap"),
@@ -257,7 +258,7 @@ TRACE: list[Row] = [
      r"n_augmentations must be an int >= 1, got '8'"),
     ("batch-size-zero", lambda c: _trace(c, batch_size=0), ValueError,
      r"batch_size must be an int >= 1, got 0"),
-    ("recipe-unknown", lambda c: _trace(c, augment="strong"), ValueError,
+    ("recipe-unknown", lambda c: _trace(c, recipe="strong"), ValueError,
      r"unknown augmentation recipe 'strong'; valid: default, convnext"),
     ("seed-str", lambda c: _trace(c, seed="a"), ValueError, r"seed must be an int, got 'a'"),
     ("seed-float", lambda c: _trace(c, seed=1.5), ValueError, r"seed must be an int, got 1.5"),

@@ -1,45 +1,18 @@
-"""Layer-level pruning: Hessians against brute force, solvers against optimality and references."""
+"""Layer-level pruning: solvers against optimality, brute force and the published reference."""
 
 from __future__ import annotations
 
 import heapq
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from nets import Tiny
-from torch import nn
+from reference import fastobc_reference
 
 from spade_lib import pruning
-from spade_lib.pruning import (
-    default_layers,
-    default_mask_group,
-    layer_hessians,
-    linear,
-    only,
-    prune_layer,
-    prune_layer_batch,
-    resolve_sparsity,
-    select_layers,
-)
+from spade_lib.pruning import default_mask_group, prune_layer, prune_layer_batch
 
 CUDA = torch.cuda.is_available()
-
-
-def _reference_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_trace.py"
-    spec = importlib.util.spec_from_file_location("bench_trace", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fastobc_reference = _reference_module().fastobc_reference
-
-
 
 
 def random_layer(shape, seed, spread=1.0, samples=None):
@@ -55,122 +28,6 @@ def random_layer(shape, seed, spread=1.0, samples=None):
 def direct_error(w, w_hat, h):
     d = (w - w_hat).flatten(1).double()
     return torch.trace(d @ h.double() @ d.T).item()
-
-
-# --------------------------------------------------------------------------------------------
-# Hessians
-# --------------------------------------------------------------------------------------------
-
-def brute_conv_hessian(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Loop over output positions, reading each patch by explicit indexing of the padded input."""
-    left, right, top, bottom = pruning._conv_padding(conv)
-    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    xp = F.pad(x, (left, right, top, bottom), mode=mode)
-    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-    ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    rows = torch.arange(kh) * dh
-    cols = torch.arange(kw) * dw
-    total = torch.zeros(conv.weight[0].numel(), conv.weight[0].numel(), dtype=x.dtype)
-    count = 0
-    for b in range(x.shape[0]):
-        for oy in range(ho):
-            for ox in range(wo):
-                patch = xp[b][:, oy * sh + rows][:, :, ox * sw + cols].flatten()
-                total += torch.outer(patch, patch)
-                count += 1
-    return 2 * total / count
-
-
-CONV_SETTINGS = [
-    # kernel, stride, padding, dilation, padding_mode, input size
-    (3, 1, 1, 1, "zeros", (9, 11)),
-    (3, 1, 1, 1, "zeros", (16, 16)),
-    (3, 2, 1, 1, "zeros", (9, 11)),
-    (3, 1, 0, 1, "zeros", (7, 6)),
-    (3, 1, 2, 2, "zeros", (10, 9)),
-    (5, 1, "same", 1, "zeros", (12, 12)),
-    (4, 1, "same", 2, "zeros", (11, 12)),
-    ((3, 2), 1, (1, 0), (2, 1), "zeros", (9, 8)),
-    (3, (2, 1), 3, 1, "zeros", (8, 8)),
-    (3, 1, 1, 1, "reflect", (8, 9)),
-    (1, 1, 0, 1, "zeros", (5, 5)),
-    (2, 2, 0, 1, "zeros", (8, 8)),
-]
-
-
-@pytest.mark.parametrize("kernel,stride,padding,dilation,mode,size", CONV_SETTINGS)
-@pytest.mark.parametrize("chunk_size", [1, 2**24])
-def test_conv_hessian_equals_loop_over_positions(kernel, stride, padding, dilation, mode, size,
-                                                 chunk_size):
-    torch.manual_seed(0)
-    conv = nn.Conv2d(3, 4, kernel, stride, padding, dilation, padding_mode=mode).double()
-    x = torch.randn(2, 3, *size, dtype=torch.float64)
-    h = layer_hessians(nn.Sequential(conv), x, ["0"], dtype=torch.float64,
-                       chunk_size=chunk_size)["0"]
-    torch.testing.assert_close(h, brute_conv_hessian(conv, x), rtol=1e-10, atol=1e-10)
-
-
-def test_both_conv_hessian_paths_are_covered():
-    """The settings above exercise the shift-correlation path and the unfold path."""
-    used = set()
-    for kernel, stride, padding, dilation, mode, size in CONV_SETTINGS:
-        conv = nn.Conv2d(3, 4, kernel, stride, padding, dilation, padding_mode=mode)
-        out = conv(torch.zeros(1, 3, *size))
-        used.add(pruning._use_shift_gram(conv, *size, *out.shape[-2:]))
-    assert used == {True, False}
-
-
-@pytest.mark.parametrize("kernel,stride,padding,dilation,mode,size", CONV_SETTINGS)
-def test_conv_columns_reproduce_the_conv(kernel, stride, padding, dilation, mode, size):
-    torch.manual_seed(0)
-    conv = nn.Conv2d(3, 4, kernel, stride, padding, dilation, padding_mode=mode,
-                     bias=False).double()
-    x = torch.randn(2, 3, *size, dtype=torch.float64)
-    cols = pruning.conv_columns(conv, x)
-    out = conv(x)
-    torch.testing.assert_close(conv.weight.flatten(1) @ cols, out.flatten(2))
-
-
-def test_linear_hessian_flattens_extra_dims_and_accepts_batch_lists():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 3)).double()
-    x = torch.randn(6, 4, 5, dtype=torch.float64)
-    rows = x.reshape(-1, 5)
-    expected = 2 * rows.T @ rows / rows.shape[0]
-    for batches, kw in [(x, {}), (x, {"batch_size": 4}), ([x[:2], x[2:]], {}),
-                        (x, {"chunk_size": 7})]:
-        h = layer_hessians(model, batches, ["0"], dtype=torch.float64, **kw)["0"]
-        torch.testing.assert_close(h, expected)
-
-
-def test_hooks_removed_and_modes_restored_on_error():
-    class Boom(nn.Module):
-        def forward(self, x):
-            raise RuntimeError("boom")
-
-    model = nn.Sequential(nn.Linear(4, 4), Boom()).train()
-    model[0].eval()
-    with pytest.raises(RuntimeError, match="boom"):
-        layer_hessians(model, torch.randn(3, 4), ["0"])
-    assert not model[0]._forward_hooks
-    assert model.training and not model[0].training and model[1].training
-
-
-def test_hessians_run_in_eval_mode_and_restore_it():
-    model = Tiny().train()
-    before = model.bn.running_mean.clone()
-    layer_hessians(model, torch.rand(4, 3, 8, 8), ["conv", "fc"])
-    assert torch.equal(model.bn.running_mean, before)
-    assert all(m.training for m in model.modules())
-
-
-def test_layer_hessians_rejects_unknown_and_grouped_layers():
-    model = Tiny()
-    with pytest.raises(ValueError, match="unknown layer: 'nope'.*conv2"):
-        layer_hessians(model, torch.rand(2, 3, 8, 8), ["nope"])
-    with pytest.raises(ValueError, match="'dw'"):
-        layer_hessians(model, torch.rand(2, 3, 8, 8), ["dw"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,72 +290,42 @@ def test_gpu_equals_cpu():
         assert gpu.is_cuda
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-7, atol=1e-7)
         assert info_gpu.error == pytest.approx(info_cpu.error, rel=1e-6)
-    model = Tiny()
-    x = torch.rand(6, 3, 12, 12)
-    cpu = layer_hessians(model, x, default_layers(model))
-    gpu = layer_hessians(model.cuda(), x.cuda(), default_layers(model))
-    for name in cpu:
-        torch.testing.assert_close(gpu[name].cpu(), cpu[name], rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
-# Layer choice and schedules
+# The solver registry
 # --------------------------------------------------------------------------------------------
 
-def test_default_layers_skip_stem_and_grouped_convs():
-    assert default_layers(Tiny()) == ["conv", "conv2", "fc"]
+def test_prune_layer_looks_solvers_up_by_name(monkeypatch):
+    assert tuple(pruning.SOLVERS) == pruning.METHODS
+    assert pruning.get_solver("obc").options == ("damp", "batch_bytes")
+    calls = []
+
+    def keep_all(w, h, shape, sparsity, options):
+        calls.append((tuple(w.shape), shape, sparsity, dict(options)))
+        return w.clone(), torch.zeros(w.shape[0], dtype=torch.float64), w.shape[-1]
+
+    monkeypatch.setitem(pruning.SOLVERS, "identity",
+                        pruning.Solver("identity", ("scale",), keep_all))
+    w, h = random_layer((4, 2, 1, 3), 0)
+    out, info = prune_layer(w, h, 0.0, "identity", scale=2)
+    assert torch.equal(out, w) and info.method == "identity" and info.rel_error == 0
+    assert calls == [((1, 4, 6), (4, 2, 1, 3), 0.0, {"scale": 2})]
+    with pytest.raises(ValueError, match="'nope'; valid methods: fastobc, obc, magnitude, "
+                                         "identity"):
+        prune_layer(w, h, 0.5, "nope")
+    with pytest.raises(ValueError, match="allowed: scale"):
+        prune_layer(w, h, 0.5, "identity", damp=0.1)
+    with pytest.raises(ValueError, match="'obc' is already registered"):
+        pruning.register_solver("obc")(keep_all)
 
 
-def test_select_layers_by_pattern_and_validation():
-    model = Tiny()
-    assert select_layers(model, "conv*") == ["conv", "conv2"]
-    assert select_layers(model, ["fc", "stem"]) == ["stem", "fc"]
-    with pytest.raises(ValueError, match="'block9.*'.*valid layers: stem, conv, conv2, fc"):
-        select_layers(model, ["block9.*"])
+def test_old_import_paths_still_work():
+    from spade_lib import hessians, schedules
 
+    assert pruning.layer_hessians is hessians.layer_hessians
+    assert pruning.eval_mode is hessians.eval_mode
+    for name in ("linear", "only", "resolve_sparsity", "default_layers", "select_layers",
+                 "SparsitySpec"):
+        assert getattr(pruning, name) is getattr(schedules, name)
 
-def test_resolve_sparsity_specs():
-    model = Tiny()
-    assert resolve_sparsity(model, 0.5) == {"conv": 0.5, "conv2": 0.5, "fc": 0.5}
-    assert resolve_sparsity(model, {"fc": 0.9}) == {"conv": 0.0, "conv2": 0.0, "fc": 0.9}
-    assert resolve_sparsity(model, linear()) == pytest.approx(
-        {"conv": 0.0, "conv2": 0.495, "fc": 0.99})
-    assert resolve_sparsity(model, "linear:0.2:0.8") == pytest.approx(
-        {"conv": 0.2, "conv2": 0.5, "fc": 0.8})
-    assert resolve_sparsity(model, only("conv2", 0.9)) == {"conv": 0.0, "conv2": 0.9, "fc": 0.0}
-    assert resolve_sparsity(model, "only:conv,fc:0.6") == {"conv": 0.6, "conv2": 0.0, "fc": 0.6}
-    assert resolve_sparsity(model, 0.3, ["fc"]) == {"fc": 0.3}
-    assert resolve_sparsity(model, linear(), ["fc"]) == {"fc": 0.99}
-
-
-def test_sparsity_dict_keys_may_be_block_prefixes(model):
-    names = default_layers(model)
-    got = resolve_sparsity(model, {"layers.2": 0.5, "layers.2.0.conv1": 0.9, "fc": 0.8})
-    for name, value in got.items():
-        if name == "layers.2.0.conv1":
-            assert value == 0.9  # the longest key wins
-        elif name.startswith("layers.2."):
-            assert value == 0.5
-        elif name == "fc":
-            assert value == 0.8
-        else:
-            assert value == 0.0
-    assert list(got) == names and sum(v == 0.5 for v in got.values()) > 1
-
-
-def test_resolve_sparsity_rejects_bad_specs():
-    model = Tiny()
-    with pytest.raises(ValueError, match="'conv3'.*block prefixes of: conv, conv2, fc"):
-        resolve_sparsity(model, {"conv3": 0.5})
-    with pytest.raises(ValueError, match="'con'.*block prefixes of: conv, conv2, fc"):
-        resolve_sparsity(model, {"con": 0.5})  # a prefix covers whole name components only
-    with pytest.raises(ValueError, match="sparsity of 'fc' 1.0.*\\[0, 1\\)"):
-        resolve_sparsity(model, {"fc": 1.0})
-    with pytest.raises(ValueError, match="'layers.9'.*valid layers"):
-        resolve_sparsity(model, only("layers.9", 0.5))
-    with pytest.raises(ValueError, match="unknown sparsity spec 'cubic'"):
-        resolve_sparsity(model, "cubic")
-    with pytest.raises(ValueError, match="last 1.2"):
-        linear(0.0, 1.2)
-    with pytest.raises(ValueError, match="'dw'"):
-        resolve_sparsity(model, 0.5, ["dw"])

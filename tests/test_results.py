@@ -92,7 +92,7 @@ def test_dense_and_spade_rows_equal_a_direct_computation(cfg, model, samples) ->
         s, target = int(row["sample"]), int(row["target"])
         image, mask = samples.poisoned.float_images([s]), samples.poisoned.masks[s][None]
         pruned = trace(model, image[0], sparsity=cfg.sparsity, pruner=cfg.pruner,
-                       n_augmentations=cfg.n_augmentations, augment=cfg.augment,
+                       n_augmentations=cfg.n_augmentations, recipe=cfg.augment,
                        seed=results.sample_seed(cfg.seed, s)).model
         for variant, net in (("dense", model), ("spade", pruned)):
             want = metrics.trojan_scores(attribution.attribute(net, image, target, "Saliency"),
@@ -116,7 +116,7 @@ def test_isd_prunes_with_another_image(cfg, model, samples) -> None:
         assert donor == results.isd_donor(test, int(row["clean_label"]), int(row["target"]), seed)
         pruned = trace(model, test.float_images([donor])[0], sparsity=cfg.sparsity,
                        pruner=cfg.pruner, n_augmentations=cfg.n_augmentations,
-                       augment=cfg.augment, seed=seed).model
+                       recipe=cfg.augment, seed=seed).model
         image = samples.poisoned.float_images([s])
         want = metrics.trojan_scores(
             attribution.attribute(pruned, image, int(row["target"]), "Saliency"),

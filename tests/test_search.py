@@ -134,7 +134,7 @@ def _candidates(cfg: config.Config, model: nn.Module,
 def _traced(cfg: config.Config, model: nn.Module, samples: results.Samples, i: int,
             schedule: dict[str, float]) -> nn.Module:
     return trace(model, samples.images()[i], sparsity=schedule, pruner=cfg.pruner,
-                 n_augmentations=cfg.n_augmentations, augment=cfg.augment,
+                 n_augmentations=cfg.n_augmentations, recipe=cfg.augment,
                  seed=results.sample_seed(cfg.seed, samples.ids[i])).model
 
 

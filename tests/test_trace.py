@@ -1,25 +1,20 @@
-"""SPADE traces and augmentation: the caller's model is untouched, results are reproducible."""
+"""SPADE traces: the caller's model is untouched, results are reproducible."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
-import torchvision.transforms.v2.functional as TF
 from nets import Tiny
 from torch import nn
 
 from spade_lib import pruning
-from spade_lib.trace import (
-    Trace,
-    _adjust_hue,
-    _crop_boxes,
-    _resized_crop,
-    augment,
-    trace,
-    trace_batch,
-)
+from spade_lib.augment import augment, augmented_batches
+from spade_lib.hessians import eval_mode, layer_hessians
+from spade_lib.schedules import linear, only
+from spade_lib.trace import Trace, trace, trace_batch
 
 CUDA = torch.cuda.is_available()
 FAST = dict(n_augmentations=24, batch_size=10)
@@ -40,70 +35,6 @@ def image() -> torch.Tensor:
 
 def _weights(m: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
-
-
-# --------------------------------------------------------------------------------------------
-# Augmentation
-# --------------------------------------------------------------------------------------------
-
-def test_augment_shape_range_and_determinism(image):
-    a = augment(image, 32, generator=torch.Generator().manual_seed(3))
-    b = augment(image[None], 32, generator=torch.Generator().manual_seed(3))
-    c = augment(image, 32, generator=4)
-    assert a.shape == (32, 3, 16, 16) and a.dtype == image.dtype
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    assert a.min() >= 0 and a.max() <= 1
-    assert not any(torch.equal(x, image) for x in a)   # the original is not in the batch
-    assert a.std(0).mean() > 0.05                      # the copies differ from one another
-
-
-def test_crop_resize_equals_torchvision_resized_crop():
-    g = torch.Generator().manual_seed(0)
-    img = torch.rand(3, 20, 24, generator=g)
-    boxes = _crop_boxes(16, 20, 24, g, torch.device("cpu"))
-    flip = torch.rand(16, generator=g) < 0.5
-    out = _resized_crop(img[None], boxes, flip)
-    for k in range(16):
-        top, left, h, w = (int(v) for v in boxes[k])
-        ref = TF.resized_crop(img, top, left, h, w, [20, 24], antialias=False)
-        ref = ref.flip(-1) if flip[k] else ref
-        torch.testing.assert_close(out[k], ref, rtol=1e-5, atol=1e-5)
-
-
-def test_crop_boxes_follow_random_resized_crop_ranges():
-    boxes = _crop_boxes(4000, 32, 40, torch.Generator().manual_seed(0), torch.device("cpu"))
-    top, left, h, w = boxes.T
-    assert (top >= 0).all() and (left >= 0).all()
-    assert (top + h <= 32).all() and (left + w <= 40).all()
-    area = h * w / (32 * 40)
-    assert area.min() >= 0.18 and area.max() <= 1.0       # scale (0.2, 1) up to rounding
-    assert 0.5 < area.mean() < 0.65
-    ratio = w / h
-    assert ratio.min() > 0.7 and ratio.max() < 1.45       # ratio (3/4, 4/3) up to rounding
-
-
-def test_hue_shift_equals_torchvision():
-    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    shifts = torch.tensor([-0.3, -0.1, 0.0, 0.2, 0.3])
-    ref = torch.stack([TF.adjust_hue(x[i], float(shifts[i])) for i in range(5)])
-    torch.testing.assert_close(_adjust_hue(x, shifts), ref, rtol=1e-5, atol=1e-5)
-
-
-def test_convnext_recipe_adds_noise_and_erasing():
-    image = torch.full((3, 32, 32), 0.5)
-    out = augment(image, 64, "convnext", generator=0)
-    erased = (out == 0).all(1).flatten(1).sum(1)           # black pixels per copy
-    assert 10 < (erased > 0).sum() < 54                    # RandomErasing with p 0.5
-    assert (erased[erased > 0] >= 0.02 * 32 * 32 * 0.9).all()
-    plain = augment(image, 64, "default", generator=0)
-    assert (plain == 0).all(1).sum() == 0
-
-
-def test_augment_rejects_bad_arguments(image):
-    with pytest.raises(ValueError, match="recipe 'strong'.*default, convnext"):
-        augment(image, 4, "strong")
-    with pytest.raises(ValueError, match="int >= 1, got 0"):
-        augment(image, 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,7 +77,7 @@ def test_trace_relative_error_is_measured_on_the_augmented_batch(model, image):
     batch = torch.cat([augment(image, n, "default", gen) for n in (10, 10, 4)])
     inputs = []
     handle = model.fc.register_forward_hook(lambda m, i, o: inputs.append(i[0]))
-    with torch.no_grad(), pruning.eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         model(batch)
     handle.remove()
     x = inputs[0]
@@ -184,6 +115,39 @@ def test_trace_batch_matches_single_traces(model):
         assert list(tr.report.layer) == list(single.report.layer)
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_trace_equals_the_algorithm_spelled_out(model, image, sequential):
+    """Views from the seed, Hessians (of the dense copy, or of the copy pruned so far), one
+    solve per layer: the same weights bit for bit."""
+    tr = trace(model, image, sparsity=0.8, seed=2, sequential=sequential, **FAST)
+    work = copy.deepcopy(model).eval()
+    names = ["conv", "conv2", "fc"]
+
+    def hessians(layers):
+        views = augmented_batches(image, FAST["n_augmentations"], "default", 2,
+                                  FAST["batch_size"])
+        return layer_hessians(work, views, layers)
+
+    dense = None if sequential else hessians(names)
+    for name in names:
+        h = hessians([name])[name] if sequential else dense[name]
+        layer = dict(work.named_modules())[name]
+        new, _ = pruning.prune_layer(layer.weight, h, 0.8)
+        with torch.no_grad():
+            layer.weight.copy_(new)
+    for (key, x), y in zip(_weights(tr.model).items(), _weights(work).values(), strict=True):
+        assert torch.equal(x, y), key
+
+
+def test_trace_is_trace_batch_of_one_sample(model, image):
+    single = trace(model, image, sparsity=0.7, seed=4, **FAST)
+    (batch,) = trace_batch(model, image[None], sparsity=0.7, seed=4, **FAST)
+    for (key, x), y in zip(_weights(single.model).items(), _weights(batch.model).values(),
+                           strict=True):
+        assert torch.equal(x, y), key
+    assert single.report.drop(columns="seconds").equals(batch.report.drop(columns="seconds"))
+
+
 @pytest.mark.parametrize("pruner,options", [("obc", {}), ("magnitude", {}),
                                             ("fastobc", {"mask_group": "row"})])
 def test_trace_with_other_pruners(model, image, pruner, options):
@@ -195,9 +159,9 @@ def test_trace_with_other_pruners(model, image, pruner, options):
 
 
 def test_trace_schedules_and_layer_patterns(model, image):
-    tr = trace(model, image, sparsity=pruning.only("conv2", 0.9), **FAST)
+    tr = trace(model, image, sparsity=only("conv2", 0.9), **FAST)
     assert list(tr.report.layer) == ["conv2"]
-    tr = trace(model, image, sparsity=pruning.linear(0.2, 0.8), layers="conv*", progress=True,
+    tr = trace(model, image, sparsity=linear(0.2, 0.8), layers="conv*", progress=True,
                **FAST)
     assert tr.report.target.tolist() == pytest.approx([0.2, 0.8])
 
@@ -226,6 +190,8 @@ def test_trace_rejects_bad_arguments_before_work(model, image):
         trace(model, image, sparsity=1.0)
     with pytest.raises(ValueError, match="bogus"):
         trace(model, image, bogus=1)
+    with pytest.raises(ValueError, match="passed as recipe=, not augment="):
+        trace(model, image, augment="convnext")
     with pytest.raises(ValueError, match=r"images\[1\]: .*NaN"):
         trace_batch(model, torch.stack([image, torch.full_like(image, math.nan)]))
 
@@ -236,6 +202,3 @@ def test_trace_on_gpu(model, image):
     tr = trace(gpu, image, sparsity=0.8, **FAST)
     assert next(tr.model.parameters()).is_cuda
     assert (tr.report.sparsity >= 0.79).all()
-    out = augment(image.cuda(), 8, generator=torch.Generator().manual_seed(0))
-    ref = augment(image, 8, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
