@@ -33,7 +33,7 @@ import pandas as pd
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from spade_lib import attribution, config, metrics, pruning, reproducibility
+from spade_lib import attribution, config, metrics, reproducibility, schedules
 from spade_lib.config import Config
 from spade_lib.models import fingerprint as model_fingerprint
 from spade_lib.samples import (
@@ -118,7 +118,7 @@ class Variant:
         Label in the results table.
     sparsity
         ``None`` for the dense model, else a SPADE schedule (anything
-        :func:`spade_lib.pruning.resolve_sparsity` takes: a float, ``"linear"``,
+        :func:`spade_lib.schedules.resolve_sparsity` takes: a float, ``"linear"``,
         ``"linear:A:B"``, ``"only:P[,P]:S"``, a dict of layer names, ...).
     other_image
         The ISD control: the Hessians come from a random clean test image of another class
@@ -126,7 +126,7 @@ class Variant:
     """
 
     name: str
-    sparsity: pruning.SparsitySpec | None = None
+    sparsity: schedules.SparsitySpec | None = None
     other_image: bool = False
 
     def describe(self) -> dict[str, Any]:
@@ -191,7 +191,7 @@ def resolve_variants(cfg: Config, model: nn.Module,
                 raise ValueError(f"variant {v.name!r}: other_image needs a sparsity to prune with")
             continue
         try:
-            targets = pruning.resolve_sparsity(model, v.sparsity)
+            targets = schedules.resolve_sparsity(model, v.sparsity)
         except (ValueError, TypeError) as e:
             raise ValueError(f"variant {v.name!r}: {e}") from None
         if not any(s > 0 for s in targets.values()):

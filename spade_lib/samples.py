@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from spade_lib import data, pruning
+from spade_lib import data, hessians
 from spade_lib.config import Config
 
 __all__ = [
@@ -54,7 +54,7 @@ def _predict(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
     """Argmax labels of float images ``[N, 3, H, W]`` (eval mode, flags restored), on the CPU."""
     device = _model_device(model)
     out = []
-    with pruning.eval_mode(model):
+    with hessians.eval_mode(model):
         for i in range(0, images.shape[0], batch_size):
             out.append(model(images[i:i + batch_size].to(device)).argmax(1).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
