@@ -48,7 +48,7 @@ def main() -> None:
         "result": found.to_dict(),
     }
     out.write_text(json.dumps(record, indent=1, default=str) + "\n")
-    print(found.trace.to_string())
+    print(found.history.to_string())
     print(f"score {found.score:.4f} in {seconds:.0f} s; saved {out}")
     print("preset line:", found.to_yaml().strip())
 

@@ -1,19 +1,20 @@
-"""The evaluation runner: Trojan samples, SPADE variants, a resumable results store, tables.
+"""The evaluation runner: SPADE variants of the network, one sample's rows, the cached table.
 
-A sample is a test image with one rule's Trojan patch on which the model is correct without the
-patch and predicts the rule's target with it (:func:`select_samples`, the paper's filter). Each
-sample is explained under several *variants* of the network (:class:`Variant`): the dense model,
-SPADE traces with a sparsity schedule, and the control "ISD" of Table D.11 (the same pruning with
-Hessians from a different image). One trace is made per sample and variant and shared by every
-saliency method; each map is scored against the patch mask
+Each evaluation sample (:mod:`spade_lib.samples`) is explained under several *variants* of the
+network (:class:`Variant`): the dense model, SPADE traces with a sparsity schedule, and the control
+"ISD" of Table D.11 (the same pruning with Hessians from a different image). One trace is made per
+sample and variant and shared by every saliency method; each map is scored against the patch mask
 (:func:`spade_lib.metrics.trojan_scores`).
 
 :func:`evaluate` produces the tidy table (one row per sample, method and variant) and keeps it in a
-:class:`ResultStore`: one file per finished sample, written atomically, in a folder named by the
-hash of everything that determines the rows (:func:`results_key`). A run that is killed loses only
-the sample in progress; the next call computes just the missing samples. :func:`summary` gives
-the Table B.2 layout (Dense / SPADE / delta per method, with an average row) and
-:func:`variant_table` compares several variants side by side (Table D.14).
+:class:`~spade_lib.store.ResultStore`: one file per finished sample, in a folder named by the hash
+of everything that determines the rows (:func:`results_key`). A run that is killed loses only the
+sample in progress; the next call computes just the missing samples. :func:`other_architecture`
+runs the same comparison on another preset's model with the book's policy (skip a network that did
+not learn, merge methods with equal scores). The table layouts live in :mod:`spade_lib.tables`.
+
+The names that moved to :mod:`spade_lib.samples`, :mod:`spade_lib.store` and
+:mod:`spade_lib.tables` are re-exported here, so ``results.summary`` and the like keep working.
 """
 
 from __future__ import annotations
@@ -23,44 +24,57 @@ import hashlib
 import json
 import math
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
-import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from spade_lib import attribution, data, metrics, pruning, reproducibility
+from spade_lib import attribution, config, metrics, reproducibility, schedules
 from spade_lib.config import Config
-from spade_lib.files import atomic_write
 from spade_lib.models import fingerprint as model_fingerprint
+from spade_lib.models import predict
+from spade_lib.samples import (
+    SAMPLE_COLUMNS,
+    Samples,
+    evaluation_samples,
+    isd_donor,
+    sample_seed,
+    select_samples,
+    tuning_samples,
+)
+from spade_lib.store import (
+    COLUMNS,
+    DamagedResultWarning,
+    ResultStore,
+    open_store,
+    typed_rows,
+)
+from spade_lib.tables import (
+    merge_methods,
+    prediction_kept,
+    score_gap,
+    summary,
+    variant_table,
+    wins,
+)
 from spade_lib.trace import trace
 
+if TYPE_CHECKING:
+    from spade_lib.train import TrainResult
+
 __all__ = [
-    "BUILTIN_VARIANTS", "COLUMNS", "RESULT_KEYS", "SAMPLE_COLUMNS", "TRACE_BATCH", "ResultStore",
+    "BUILTIN_VARIANTS", "COLUMNS", "MERGED_METHODS", "MERGE_ATOL", "MIN_ACCURACY", "RESULT_KEYS",
+    "SAMPLE_COLUMNS", "TRACE_BATCH", "ArchitectureRun", "DamagedResultWarning", "ResultStore",
     "Samples", "Variant", "check_methods", "evaluate", "evaluation_samples", "isd_donor",
-    "merge_methods", "score_gap",
-    "model_fingerprint", "prediction_kept", "resolve_variants", "results_key", "run_sample",
-    "sample_maps", "sample_seed", "score_methods", "select_samples", "summary", "tuning_samples",
-    "variant_network", "variant_table", "wins",
+    "merge_methods", "model_fingerprint", "other_architecture", "prediction_kept",
+    "resolve_variants", "results_key", "run_sample", "sample_maps", "sample_seed", "score_gap",
+    "score_methods", "select_samples", "summary", "tuning_samples", "variant_network",
+    "variant_table", "wins",
 ]
-
-SAMPLE_COLUMNS = ("sample", "rule", "rule_name", "clean_label", "target", "test_index")
-"""Columns of :attr:`Samples.table`: ``sample`` is the position in the poisoned set, ``rule`` the
-rule's index and ``rule_name`` its name, ``test_index`` the clean image's position in the test
-set."""
-
-COLUMNS = (
-    *SAMPLE_COLUMNS, "method", "variant", *metrics.SCORE_COLUMNS, "keeps_prediction",
-    "prediction", "donor", "trace_seconds", "attribution_seconds", "config_hash",
-)
-"""Columns of the results table (:func:`evaluate`), in order."""
 
 RESULT_KEYS = (
     "seed", "dataset", "scene", "image_size", "train_size", "test_size", "rules",
@@ -76,221 +90,18 @@ Hessians are bit-identical to the runner's)."""
 
 BUILTIN_VARIANTS = ("dense", "spade", "isd")
 
+MIN_ACCURACY = 0.2
+"""Clean accuracy below which :func:`other_architecture` leaves a network unexplained: twice
+chance for ten classes; a network under it did not learn the task, so its maps explain nothing."""
 
-# --------------------------------------------------------------------------------------------
-# Samples
-# --------------------------------------------------------------------------------------------
+MERGED_METHODS = ("InputXGradient", "DeepLift")
+"""Methods :func:`other_architecture` merges into one row when their scores agree: DeepLift has no
+rule for ReLU6 or GELU and reduces to InputXGradient on those networks (as in the paper)."""
 
-def sample_seed(seed: int, sample: int) -> int:
-    """The seed of everything random about one sample (its augmentations, its ISD donor).
-
-    Derived from the config seed and the sample id alone, so a sample gives the same rows whatever
-    else is in the run and in whatever order samples are processed.
-    """
-    return int(np.random.SeedSequence([int(seed), int(sample), 0x5EAD]).generate_state(1)[0])
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-@torch.no_grad()
-def _predict(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
-    """Argmax labels of float images ``[N, 3, H, W]`` (eval mode, flags restored), on the CPU."""
-    device = _model_device(model)
-    out = []
-    with pruning.eval_mode(model):
-        for i in range(0, images.shape[0], batch_size):
-            out.append(model(images[i:i + batch_size].to(device)).argmax(1).cpu())
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
-
-
-@dataclass(eq=False)
-class Samples:
-    """Evaluation samples: a table of Trojan test images plus the sets they come from.
-
-    Attributes
-    ----------
-    table
-        One row per sample, columns :data:`SAMPLE_COLUMNS`; ``table.attrs`` holds the selection
-        record (``seed``, ``requested``, and per rule how many candidates were ``checked`` and how
-        many ``passed`` the filter) when made by :func:`select_samples`.
-    poisoned
-        The patched test images (``sample`` indexes into it).
-    test
-        The clean test set (``test_index`` indexes into it; ISD donors come from it).
-    """
-
-    table: pd.DataFrame
-    poisoned: data.PoisonedSet
-    test: data.SceneSet
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    @property
-    def ids(self) -> list[int]:
-        """Sample ids (positions in :attr:`poisoned`), in table order."""
-        return [int(s) for s in self.table["sample"]]
-
-    def images(self) -> Tensor:
-        """The patched images as float ``[n, 3, H, W]`` in [0, 1]."""
-        return self.poisoned.float_images(self.ids)
-
-    def masks(self) -> Tensor:
-        """The patch masks, bool ``[n, H, W]``."""
-        return self.poisoned.masks[torch.as_tensor(self.ids, dtype=torch.long)]
-
-    def targets(self) -> Tensor:
-        """The Trojan targets, int64 ``[n]``."""
-        return torch.tensor(self.table["target"].tolist(), dtype=torch.long)
-
-    @classmethod
-    def from_ids(cls, poisoned: data.PoisonedSet, test: data.SceneSet,
-                 ids: Sequence[int]) -> Samples:
-        """Samples for given positions in ``poisoned`` (no filter applied)."""
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < len(poisoned)]
-        if bad:
-            raise ValueError(f"sample ids {bad} are outside the poisoned set [0, {len(poisoned)})")
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"sample ids must be unique, got {ids}")
-        idx = torch.as_tensor(ids, dtype=torch.long)
-        rules = poisoned.rule[idx].tolist()
-        table = pd.DataFrame({
-            "sample": pd.Series(ids, dtype="int64"),
-            "rule": pd.Series(rules, dtype="int64"),
-            "rule_name": pd.Series([poisoned.rules[k].name for k in rules], dtype="object"),
-            "clean_label": pd.Series(poisoned.clean_labels[idx].tolist(), dtype="int64"),
-            "target": pd.Series(poisoned.labels[idx].tolist(), dtype="int64"),
-            "test_index": pd.Series(poisoned.index[idx].tolist(), dtype="int64"),
-        })
-        return cls(table, poisoned, test)
-
-
-def _check_count(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def select_samples(model: nn.Module, test: data.SceneSet, poisoned: data.PoisonedSet, n: int,
-                   seed: int = 0, batch_size: int = 256) -> Samples:
-    """Pick ``n`` Trojan samples the paper's way, balanced over rules, seeded.
-
-    A candidate ``i`` of ``poisoned`` passes when ``model`` predicts the true class on the clean
-    test image ``poisoned.index[i]`` and the rule's target on the patched image. Each rule's
-    candidates are visited in a seeded random order; rules take turns (in a seeded order) adding
-    their next passing candidate, so every rule gets ``n // n_rules`` where it has that many, the
-    rest is filled from the rules that have more, and a larger ``n`` selects a superset. Only
-    the candidates needed are run through the model.
-
-    Parameters
-    ----------
-    model
-        The Trojaned classifier (not changed; run in eval mode).
-    test
-        The clean test set that ``poisoned`` was made from.
-    poisoned
-        Patched test images, e.g. :func:`spade_lib.data.poisoned_test`.
-    n
-        How many samples to select.
-    seed
-        Same seed, same selection.
-    batch_size
-        Candidates checked per forward pass.
-
-    Returns
-    -------
-    Samples
-        Sorted by sample id. Fewer than ``n`` (with a warning) when fewer candidates pass.
-
-    Raises
-    ------
-    ValueError
-        Bad ``n``, a ``poisoned`` set that does not fit ``test``, or no candidate passing.
-    """
-    n = _check_count(n, "n (number of samples)")
-    batch_size = _check_count(batch_size, "batch_size")
-    if len(poisoned) and int(poisoned.index.max()) >= len(test):
-        raise ValueError(f"poisoned set refers to test image {int(poisoned.index.max())}, but the "
-                         f"test set has {len(test)} images; pass the set it was made from")
-    n_rules = len(poisoned.rules)
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5E1EC7]))
-    orders = [rng.permutation(np.flatnonzero(poisoned.rule.numpy() == k)) for k in range(n_rules)]
-    turn = rng.permutation(n_rules)
-    checked = [0] * n_rules
-    passed: list[list[int]] = [[] for _ in range(n_rules)]
-    taken = [0] * n_rules
-
-    def refill(k: int) -> None:
-        idx = orders[k][checked[k]:checked[k] + batch_size]
-        checked[k] += len(idx)
-        t = torch.as_tensor(idx, dtype=torch.long)
-        clean = _predict(model, test.float_images(poisoned.index[t]), batch_size)
-        patched = _predict(model, poisoned.float_images(t), batch_size)
-        ok = (clean == poisoned.clean_labels[t]) & (patched == poisoned.labels[t])
-        passed[k].extend(int(i) for i in idx[ok.numpy()])
-
-    chosen: list[int] = []
-    active = True
-    while len(chosen) < n and active:
-        active = False
-        for k in turn:
-            if len(chosen) == n:
-                break
-            while taken[k] == len(passed[k]) and checked[k] < len(orders[k]):
-                refill(k)
-            if taken[k] < len(passed[k]):
-                chosen.append(passed[k][taken[k]])
-                taken[k] += 1
-                active = True
-    if not chosen:
-        raise ValueError(f"no candidate passes the filter (correct on the clean image, Trojan "
-                         f"target on the patched one) among {len(poisoned)} patched images; is "
-                         "this the model trained with these Trojan rules?")
-    if len(chosen) < n:
-        warnings.warn(f"only {len(chosen)} of the {len(poisoned)} patched images pass the filter; "
-                      f"selected {len(chosen)} instead of {n}", UserWarning, stacklevel=2)
-    samples = Samples.from_ids(poisoned, test, sorted(chosen))
-    samples.table.attrs.update(
-        seed=int(seed), requested=n,
-        checked={r.name: checked[k] for k, r in enumerate(poisoned.rules)},
-        passed={r.name: len(passed[k]) for k, r in enumerate(poisoned.rules)})
-    return samples
-
-
-def evaluation_samples(cfg: Config, model: nn.Module) -> Samples:
-    """``cfg.samples`` samples of the evaluation rules (``cfg.rules``) for ``model``."""
-    _, test = data.load_scenes(cfg)
-    poisoned = data.poisoned_test(test, cfg.rules, seed=cfg.seed)
-    return select_samples(model, test, poisoned, cfg.samples, cfg.seed)
-
-
-def tuning_samples(cfg: Config, model: nn.Module) -> Samples:
-    """``cfg.tuning_samples`` samples of the held-out rules (``cfg.tuning_rules``) for ``model``,
-    the held-out model ``trained_model(cfg.replace(rules=cfg.tuning_rules))``."""
-    held_out = cfg.replace(rules=cfg.tuning_rules)
-    _, test = data.load_scenes(held_out)
-    poisoned = data.poisoned_test(test, held_out.rules, seed=cfg.seed)
-    return select_samples(model, test, poisoned, cfg.tuning_samples, cfg.seed)
-
-
-def isd_donor(test: data.SceneSet, clean_label: int, target: int, seed: int) -> int:
-    """The ISD control's donor: a random clean test image of another class, seeded.
-
-    The donor's class differs from both the sample's true class and its Trojan target, so neither
-    the sample's content nor the backdoor's class is represented in the Hessians.
-    """
-    labels = test.clean_labels.numpy()
-    pool = np.flatnonzero((labels != clean_label) & (labels != target) & (test.rule.numpy() == -1))
-    if len(pool) == 0:
-        raise ValueError(f"the test set has no clean image outside classes {clean_label} and "
-                         f"{target} to serve as an ISD donor")
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x15D]))
-    return int(rng.choice(pool))
+MERGE_ATOL = 1e-3
+"""The largest score difference (AUC or Pointing Game, on any sample) at which
+:data:`MERGED_METHODS` are merged: float noise in the batched backward pass can swap a few tied
+pixel ranks."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +118,7 @@ class Variant:
         Label in the results table.
     sparsity
         ``None`` for the dense model, else a SPADE schedule (anything
-        :func:`spade_lib.pruning.resolve_sparsity` takes: a float, ``"linear"``,
+        :func:`spade_lib.schedules.resolve_sparsity` takes: a float, ``"linear"``,
         ``"linear:A:B"``, ``"only:P[,P]:S"``, a dict of layer names, ...).
     other_image
         The ISD control: the Hessians come from a random clean test image of another class
@@ -315,7 +126,7 @@ class Variant:
     """
 
     name: str
-    sparsity: pruning.SparsitySpec | None = None
+    sparsity: schedules.SparsitySpec | None = None
     other_image: bool = False
 
     def describe(self) -> dict[str, Any]:
@@ -380,7 +191,7 @@ def resolve_variants(cfg: Config, model: nn.Module,
                 raise ValueError(f"variant {v.name!r}: other_image needs a sparsity to prune with")
             continue
         try:
-            targets = pruning.resolve_sparsity(model, v.sparsity)
+            targets = schedules.resolve_sparsity(model, v.sparsity)
         except (ValueError, TypeError) as e:
             raise ValueError(f"variant {v.name!r}: {e}") from None
         if not any(s > 0 for s in targets.values()):
@@ -486,7 +297,7 @@ def run_sample(cfg: Config, model: nn.Module, samples: Samples, position: int,
     parts = []
     for v in variants:
         net, seconds, donor = variant_network(cfg, model, samples, position, v)
-        prediction = int(_predict(net, image[None])[0])
+        prediction = int(predict(net, image[None])[0])
         part = score_methods(net, image, mask, target, methods, method_options)
         part.insert(1, "variant", v.name)
         part["keeps_prediction"] = prediction == target
@@ -498,103 +309,9 @@ def run_sample(cfg: Config, model: nn.Module, samples: Samples, position: int,
     for col in SAMPLE_COLUMNS:
         rows[col] = info[col]
     rows["config_hash"] = config_hash
-    return _typed(rows[list(COLUMNS)])
+    return typed_rows(rows[list(COLUMNS)])
 
 
-def _typed(frame: pd.DataFrame) -> pd.DataFrame:
-    """Fixed dtypes, so a table read back from the store equals the one computed."""
-    ints = ("sample", "rule", "clean_label", "target", "test_index", "prediction", "donor")
-    floats = (*metrics.SCORE_COLUMNS, "trace_seconds", "attribution_seconds")
-    out = frame.astype({**dict.fromkeys(ints, "int64"), **dict.fromkeys(floats, "float64"),
-                        "keeps_prediction": "bool"})
-    for col in ("rule_name", "method", "variant", "config_hash"):
-        out[col] = out[col].astype(object)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Store
-# --------------------------------------------------------------------------------------------
-
-class DamagedResultWarning(UserWarning):
-    """A file of a result store could not be read; it is set aside and its sample recomputed."""
-
-
-class ResultStore:
-    """A folder of per-sample result files, each written atomically.
-
-    ``sample-NNNNNNN.parquet`` holds every row of one finished sample; it is written to a temporary
-    file in the same folder, flushed to disk and renamed into place (``os.replace``), so a file
-    that exists is complete and a killed writer leaves at most an ignored ``.tmp`` file. Writers
-    of different samples never touch the same file, so several processes may share a store.
-    ``meta.json`` records what produced the rows.
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-
-    def __repr__(self) -> str:
-        return f"ResultStore({str(self.path)!r})"
-
-    def file(self, sample: int) -> Path:
-        """The file of one sample."""
-        return self.path / f"sample-{int(sample):07d}.parquet"
-
-    def done(self) -> set[int]:
-        """Ids of the samples whose file exists and is a whole Parquet file.
-
-        A damaged file (truncated, say, by a disk that filled up or a copy that broke off) is
-        not counted: a :class:`DamagedResultWarning` names it, and it is moved aside to a hidden
-        ``.damaged`` file so that the sample is computed again and no half row is ever read.
-        """
-        if not self.path.is_dir():
-            return set()
-        ids = set()
-        for path in sorted(self.path.glob("sample-*.parquet")):
-            try:
-                pq.read_metadata(path)
-            except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-                aside = path.with_name(f".{path.name}.damaged")
-                os.replace(path, aside)
-                warnings.warn(f"result file {str(path)!r} is damaged ({e}); moved to "
-                              f"{aside.name!r}, the sample will be computed again",
-                              DamagedResultWarning, stacklevel=2)
-                continue
-            ids.add(int(path.stem.split("-")[1]))
-        return ids
-
-    def write(self, sample: int, rows: pd.DataFrame) -> None:
-        """Save the rows of one sample (atomically replacing any earlier file)."""
-        atomic_write(self.file(sample), lambda fh: rows.to_parquet(fh, index=False))
-
-    def read(self, samples: Sequence[int] | None = None) -> pd.DataFrame:
-        """Rows of the given samples (all finished ones if ``None``), in that order."""
-        ids = sorted(self.done()) if samples is None else [int(s) for s in samples]
-        missing = [s for s in ids if not self.file(s).exists()]
-        if missing:
-            raise ValueError(f"store {str(self.path)!r} has no results for samples {missing}")
-        if not ids:
-            return _typed(pd.DataFrame({c: [] for c in COLUMNS}))
-        frames = [pd.read_parquet(self.file(s)) for s in ids]
-        return _typed(pd.concat(frames, ignore_index=True))
-
-    def write_meta(self, meta: Mapping[str, Any]) -> None:
-        """Save ``meta.json`` (atomically)."""
-        blob = json.dumps(meta, indent=1, sort_keys=True, default=str).encode()
-        atomic_write(self.path / "meta.json", lambda fh: fh.write(blob))
-
-    def read_meta(self) -> dict[str, Any] | None:
-        """The saved ``meta.json``, or ``None`` if there is none or it is damaged (then a
-        :class:`DamagedResultWarning` says so, and the runner writes it anew)."""
-        path = self.path / "meta.json"
-        if not path.exists():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            warnings.warn(f"{str(path)!r} is damaged ({e}); it will be written again",
-                          DamagedResultWarning, stacklevel=2)
-            return None
 
 
 def results_key(cfg: Config, model: nn.Module, methods: Sequence[str],
@@ -620,19 +337,6 @@ def results_key(cfg: Config, model: nn.Module, methods: Sequence[str],
 # --------------------------------------------------------------------------------------------
 # The runner
 # --------------------------------------------------------------------------------------------
-
-def _open_store(cfg: Config, store: bool | str | os.PathLike | ResultStore | None,
-                key: str) -> ResultStore | None:
-    if store is None or store is False:
-        return None
-    if store is True:
-        return ResultStore(cfg.cache_path("results", key, "meta.json").parent)
-    if isinstance(store, ResultStore):
-        return store
-    if isinstance(store, (str, os.PathLike)):
-        return ResultStore(Path(store) / key)
-    raise ValueError(f"store must be True, False, a directory or a ResultStore, got {store!r}")
-
 
 def evaluate(
     cfg: Config,
@@ -691,18 +395,12 @@ def evaluate(
         raise ValueError(f"samples must be a non-empty Samples object, got {samples!r}")
     key = results_key(cfg, model, methods, chosen, method_options,
                       [r.name for r in samples.poisoned.rules])
-    target = _open_store(cfg, store, key)
+    target = open_store(cfg, store, key)
     if target is not None:
-        meta = target.read_meta()
-        if meta is not None and meta.get("key") != key:
-            raise ValueError(f"store {str(target.path)!r} holds results of run "
-                             f"{meta.get('key')!r}, not {key!r}")
-        if meta is None:
-            target.write_meta({"key": key, "config": cfg.to_dict(), "methods": methods,
-                               "variants": [v.describe() for v in chosen],
-                               "method_options": method_options or {},
-                               "model": model_fingerprint(model),
-                               "numerics": reproducibility.settings()})
+        _check_meta(target, key, {
+            "key": key, "config": cfg.to_dict(), "methods": methods,
+            "variants": [v.describe() for v in chosen], "method_options": method_options or {},
+            "model": model_fingerprint(model), "numerics": reproducibility.settings()})
     done = target.done() if target is not None else set()
     ids = samples.ids
     fresh: dict[int, pd.DataFrame] = {}
@@ -724,6 +422,17 @@ def evaluate(
     return _ordered(table, ids, methods, [v.name for v in chosen])
 
 
+def _check_meta(target: ResultStore, key: str, meta: dict[str, Any]) -> None:
+    """Refuse a store that holds another run's results; write ``meta`` into a store without
+    (or with a damaged) ``meta.json``."""
+    saved = target.read_meta()
+    if saved is not None and saved.get("key") != key:
+        raise ValueError(f"store {str(target.path)!r} holds results of run "
+                         f"{saved.get('key')!r}, not {key!r}")
+    if saved is None:
+        target.write_meta(meta)
+
+
 def _ordered(table: pd.DataFrame, ids: Sequence[int], methods: Sequence[str],
              variants: Sequence[str]) -> pd.DataFrame:
     rank = {
@@ -735,254 +444,71 @@ def _ordered(table: pd.DataFrame, ids: Sequence[int], methods: Sequence[str],
     return table.iloc[order].reset_index(drop=True)
 
 
+
 # --------------------------------------------------------------------------------------------
-# Tables
+# Other architectures
 # --------------------------------------------------------------------------------------------
 
-def _best_per_method(rows: pd.DataFrame, metric: str,
-                     methods: Sequence[str] | None = None) -> pd.DataFrame:
-    """:func:`spade_lib.metrics.best_of_aggregations` per method, one row for each of
-    ``methods`` (a method without rows here gets NaN, aggregation ``None`` and zero counts)."""
-    best = metrics.best_of_aggregations(rows, by="method", metric=metric).set_index("method")
-    if methods is None:
-        return best
-    best = best.reindex(list(methods))
-    best[["n", "n_scored"]] = best[["n", "n_scored"]].fillna(0).astype(np.int64)
-    best["aggregation"] = best["aggregation"].astype(object).where(best["best"].notna(), None)
-    return best
+@dataclass
+class ArchitectureRun:
+    """What :func:`other_architecture` found for one preset.
+
+    Attributes
+    ----------
+    cfg
+        The preset's config.
+    trained
+        Its trained model with clean accuracy, attack success and training time.
+    table
+        The results table (dense and ``spade``, :data:`MERGED_METHODS` merged when they agree);
+        ``None`` when the network did not learn the task (clean accuracy under
+        :data:`MIN_ACCURACY`).
+    gap
+        The largest score difference between :data:`MERGED_METHODS` (:func:`score_gap`); NaN when
+        the network was skipped or does not run both.
+    """
+
+    cfg: Config
+    trained: TrainResult
+    table: pd.DataFrame | None
+    gap: float
+
+    @property
+    def merged(self) -> bool:
+        """Whether :data:`MERGED_METHODS` share one row (their gap is within :data:`MERGE_ATOL`)."""
+        return self.gap <= MERGE_ATOL
 
 
-def _sample_values(rows: pd.DataFrame, metric: str, aggregation: str | None) -> pd.Series:
-    """Per-sample scores (indexed by sample) of one aggregation; all NaN when it is ``None``
-    or NaN (no aggregation has a score)."""
-    if aggregation is None or pd.isna(aggregation):
-        return pd.Series(np.nan, index=rows["sample"].to_numpy(), dtype=float)
-    return rows.set_index("sample")[f"{metric}_{aggregation}"]
+def other_architecture(preset: str, samples: int | None = None,
+                       progress: bool = True) -> ArchitectureRun:
+    """Table B.2 for another architecture's preset, with the book's policy.
 
-
-def _check_table(results: pd.DataFrame, variants: Sequence[str]) -> None:
-    need = ("sample", "method", "variant", *metrics.SCORE_COLUMNS)
-    missing = [c for c in need if c not in results.columns]
-    if missing:
-        raise ValueError(f"results lack columns {missing}; pass the table from evaluate()")
-    have = list(dict.fromkeys(results["variant"]))
-    unknown = [v for v in variants if v not in have]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; the results hold {have}")
-
-
-def _metric_columns(results: pd.DataFrame, metric: str, variant: str, baseline: str,
-                    methods: Sequence[str], scale: float) -> pd.DataFrame:
-    """One metric's columns of :func:`summary` (rows: ``methods`` then ``Average``)."""
-    table = pd.DataFrame(index=pd.Index([*methods, "Average"], name="method"))
-    sides = {name: (results[results["variant"] == name],
-                    _best_per_method(results[results["variant"] == name], metric, methods))
-             for name in (baseline, variant)}
-    values: dict[str, dict[str, pd.Series]] = {baseline: {}, variant: {}}
-    for name, (rows, best) in sides.items():
-        for m in methods:
-            values[name][m] = _sample_values(rows[rows["method"] == m], metric,
-                                             best.loc[m, "aggregation"])
-        table[f"{metric}_{name}"] = scale * pd.concat([best["best"], pd.Series(
-            {"Average": best["best"].mean(skipna=False)})])
-        every = pd.concat(values[name], axis=1).notna().all(axis=1).sum() if methods else 0
-        table[f"{metric}_n_{name}"] = [*best["n_scored"].tolist(), int(every)]
-    diffs = {m: values[variant][m] - values[baseline][m] for m in methods}
-    per_sample = pd.concat(diffs, axis=1).mean(axis=1, skipna=True)
-    table[f"{metric}_delta"] = table[f"{metric}_{variant}"] - table[f"{metric}_{baseline}"]
-    table[f"{metric}_se"] = [scale * _se(diffs[m]) for m in methods] + [scale * _se(per_sample)]
-    chosen = [sides[name][1]["aggregation"] for name in (baseline, variant)]
-    labels = [f"{chosen[0][m]}/{chosen[1][m]}" for m in methods]
-    table[f"{metric}_aggregation"] = pd.Series([*labels, None], index=table.index, dtype=object)
-    order = (baseline, variant, "delta", "se", "aggregation", f"n_{baseline}", f"n_{variant}")
-    return table[[f"{metric}_{c}" for c in order]]
-
-
-def summary(results: pd.DataFrame, variant: str = "spade", baseline: str = "dense",
-            percent: bool = True) -> pd.DataFrame:
-    """Table B.2: per method, baseline / variant / delta for AUC and Pointing Game, and an average.
-
-    Each number is the paper's: the better of the two channel aggregations' means (see
-    :func:`spade_lib.metrics.best_of_aggregations`), chosen separately for the baseline and the
-    variant of each method; ``*_aggregation`` says which (``"abs/sum"`` = baseline abs, variant
-    sum; ``"None"`` for a side with no score). ``*_delta`` is the variant's number minus the
-    baseline's, ``*_se`` the standard error of the per-sample difference (each side on its chosen
-    aggregation, over the samples scored on both sides). The ``Average`` row averages the
-    methods' numbers; its standard error is that of the per-sample mean over methods of the
-    differences.
-
-    Degenerate scores (NaN: a constant map, e.g. every weight of a layer pruned) are skipped in
-    the means and counted: ``*_n_{baseline}`` and ``*_n_{variant}`` say on how many samples each
-    side has a score. A method with no score on a side keeps its row, with NaN numbers and a count
-    of 0, and makes that side's ``Average`` NaN (an average over fewer methods is not comparable);
-    the ``Average`` counts are the samples scored by every method.
+    Trains (or loads) the preset's model; a network whose clean accuracy is under
+    :data:`MIN_ACCURACY` is not explained (``table`` is ``None``). Otherwise its evaluation
+    samples are explained dense and through SPADE with the preset's ``sparsity``
+    (:func:`evaluate`, cached), and :data:`MERGED_METHODS` are merged into one row
+    ``"InputXGradient / DeepLift"`` when no score differs by more than :data:`MERGE_ATOL`.
 
     Parameters
     ----------
-    results
-        The table from :func:`evaluate`.
-    variant, baseline
-        Variant names to compare (columns are named after them: ``auc_dense``, ``auc_spade``...).
-    percent
-        Scale scores by 100, as the paper prints them.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Indexed by method (plus ``Average``); columns for ``auc`` and ``pointing``: baseline,
-        variant, ``delta``, ``se``, ``aggregation``, ``n_{baseline}``, ``n_{variant}``; then ``n``
-        (samples of the variant in total) and ``keeps_prediction`` (share of samples on which the
-        variant still predicts the Trojan target).
+    preset
+        A preset name or YAML path (:func:`spade_lib.config.load`).
+    samples
+        Overrides the preset's ``samples`` when given.
+    progress
+        Show progress bars.
     """
-    _check_table(results, [variant, baseline])
-    scale = 100.0 if percent else 1.0
-    methods = list(dict.fromkeys(results["method"]))
-    table = pd.concat([_metric_columns(results, metric, variant, baseline, methods, scale)
-                       for metric in ("auc", "pointing")], axis=1)
-    counts = results[results["variant"] == variant].groupby("method", sort=False)["sample"]
-    table["n"] = counts.nunique().reindex(methods).fillna(0).astype(int).tolist() + [
-        results["sample"].nunique()]
-    kept = prediction_kept(results).get(variant, math.nan)
-    table["keeps_prediction"] = kept
-    table.attrs["description"] = (
-        f"{variant} vs {baseline}: best of the signed-sum and abs-sum aggregation means per method "
-        f"(the paper's number){' in %' if percent else ''}; delta +- standard error of the "
-        "per-sample difference; n_*: samples with a score")
-    return table
+    from spade_lib.train import trained_model
 
-
-def score_gap(results: pd.DataFrame, methods: Sequence[str]) -> float:
-    """The largest difference between the methods' scores on the same sample and variant (NaN
-    on both sides counts as equal; NaN on one side gives ``inf``)."""
-    key = ["sample", "variant"]
-    first = results[results["method"] == methods[0]].set_index(key).sort_index()
-    gap = 0.0
-    for other in methods[1:]:
-        rows = results[results["method"] == other].set_index(key).sort_index()
-        if not rows.index.equals(first.index):
-            return math.inf
-        for col in metrics.SCORE_COLUMNS:
-            a, b = first[col].to_numpy(), rows[col].to_numpy()
-            if (np.isnan(a) != np.isnan(b)).any():
-                return math.inf
-            both = ~np.isnan(a)
-            if both.any():
-                gap = max(gap, float(np.abs(a[both] - b[both]).max()))
-    return gap
-
-
-def merge_methods(results: pd.DataFrame, methods: Sequence[str], name: str | None = None,
-                  atol: float = 1e-6) -> pd.DataFrame:
-    """One row per sample and variant for methods that give the same scores, as Table B.2 prints
-    InputXGradient and DeepLift on MobileNetV2 (where DeepLift has no rule for ReLU6 and reduces
-    to gradient times input).
-
-    The first method's rows are kept and renamed ``name`` (default ``"A / B"``); the others are
-    dropped. Raises ``ValueError`` if any score differs by more than ``atol``: methods that
-    disagree are not merged.
-    """
-    methods = list(methods)
-    if len(methods) < 2:
-        raise ValueError(f"merge_methods needs at least two methods, got {methods}")
-    missing = [m for m in methods if m not in set(results["method"])]
-    if missing:
-        raise ValueError(f"methods {missing} are not in the results; have "
-                         f"{list(dict.fromkeys(results['method']))}")
-    gap = score_gap(results, methods)
-    if not gap <= atol:
-        raise ValueError(f"the scores of {methods} differ by up to {gap:.3g} (> atol {atol}); "
-                         "they are not merged")
-    label = name or " / ".join(methods)
-    out = results[~results["method"].isin(methods[1:])].copy()
-    out.loc[out["method"] == methods[0], "method"] = label
-    return out.reset_index(drop=True)
-
-
-def wins(results: pd.DataFrame, variant: str = "spade", baseline: str = "dense",
-         metric: str = "auc") -> pd.DataFrame:
-    """Per method: on how many samples the variant scores above, equal to and below the baseline.
-
-    Each side is scored on the aggregation :func:`summary` takes for it (the better mean), so the
-    counts explain that table's deltas. Samples with a NaN score on either side are not counted:
-    ``n`` is the number compared and ``total`` the method's samples, so a method with no score
-    keeps its row with zero counts.
-    """
-    if metric not in ("auc", "pointing"):
-        raise ValueError(f"unknown metric {metric!r}; allowed: auc, pointing")
-    _check_table(results, [variant, baseline])
-    methods = list(dict.fromkeys(results["method"]))
-    base = _best_per_method(results[results["variant"] == baseline], metric, methods)
-    other = _best_per_method(results[results["variant"] == variant], metric, methods)
-    rows = []
-    for m in methods:
-        pick = results["method"] == m
-        b = _sample_values(results[pick & (results["variant"] == baseline)], metric,
-                           base.loc[m, "aggregation"])
-        v = _sample_values(results[pick & (results["variant"] == variant)], metric,
-                           other.loc[m, "aggregation"])
-        d = (v - b).dropna()
-        total = results.loc[pick & results["variant"].isin([baseline, variant]), "sample"]
-        rows.append({"method": m, "better": int((d > 0).sum()), "equal": int((d == 0).sum()),
-                     "worse": int((d < 0).sum()), "n": len(d), "total": total.nunique()})
-    return pd.DataFrame(rows).set_index("method")
-
-
-def _se(values: pd.Series) -> float:
-    v = values.dropna()
-    return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
-
-
-def variant_table(results: pd.DataFrame, metric: str = "auc",
-                  variants: Sequence[str] | None = None, percent: bool = True) -> pd.DataFrame:
-    """Table D.14 layout: the paper's number per method (rows) and variant (columns), averaged.
-
-    Each cell is the better of the two aggregations' means for that method and variant (NaN
-    where no sample has a score; the row is kept). The ``Average`` row is NaN for a variant with
-    a NaN method. ``table.attrs`` holds the same layout with ``"aggregation"`` (the aggregation
-    taken, ``None`` for no score), ``"n"`` (samples with a score; ``Average``: samples scored by
-    every method) and ``"total"`` (samples).
-    """
-    if metric not in ("auc", "pointing"):
-        raise ValueError(f"unknown metric {metric!r}; allowed: auc, pointing")
-    variants = list(dict.fromkeys(results["variant"])) if variants is None else list(variants)
-    _check_table(results, variants)
-    methods = list(dict.fromkeys(results["method"]))
-    best = metrics.best_of_aggregations(results[results["variant"].isin(variants)],
-                                        by=["method", "variant"], metric=metric)
-
-    def layout(column: str) -> pd.DataFrame:
-        out = best.pivot(index="method", columns="variant", values=column)
-        return out.reindex(index=methods, columns=variants)
-
-    values = layout("best").astype(float) * (100.0 if percent else 1.0)
-    values.loc["Average"] = values.mean(skipna=False)
-    values.columns.name = None
-    values.index.name = "method"
-    labels = layout("aggregation").astype(object)
-    counts = layout("n_scored").fillna(0).astype(np.int64)
-    counts.loc["Average"] = [_scored_by_all(results[results["variant"] == v], metric,
-                                            labels[v]) for v in variants]
-    totals = results.groupby(["method", "variant"], sort=False)["sample"].nunique()
-    totals = totals.unstack().reindex(index=methods, columns=variants).fillna(0).astype(np.int64)
-    totals.loc["Average"] = [results.loc[results["variant"] == v, "sample"].nunique()
-                             for v in variants]
-    values.attrs.update(aggregation=labels.where(labels.notna(), None), n=counts, total=totals)
-    values.attrs["description"] = (f"{metric}: best of the signed-sum and abs-sum means per "
-                                   f"method and variant{' in %' if percent else ''}")
-    return values
-
-
-def _scored_by_all(rows: pd.DataFrame, metric: str, aggregation: pd.Series) -> int:
-    """How many samples of ``rows`` have a score in every method (each on ``aggregation[m]``)."""
-    per_method = {m: _sample_values(rows[rows["method"] == m], metric, aggregation[m])
-                  for m in aggregation.index}
-    if not per_method:
-        return 0
-    return int(pd.concat(per_method, axis=1).notna().all(axis=1).sum())
-
-
-def prediction_kept(results: pd.DataFrame) -> pd.Series:
-    """Per variant, the share of samples on which its network still predicts the Trojan target."""
-    per_sample = results.drop_duplicates(["sample", "variant"])
-    return per_sample.groupby("variant", sort=False)["keeps_prediction"].mean()
-
+    cfg = config.load(preset, **({"samples": samples} if samples is not None else {}))
+    trained = trained_model(cfg, progress=progress)
+    if trained.clean_accuracy < MIN_ACCURACY:
+        return ArchitectureRun(cfg, trained, None, math.nan)
+    model = trained.model.to(cfg.torch_device())
+    table = evaluate(cfg, model, evaluation_samples(cfg, model), variants=("dense", "spade"),
+                     progress=progress)
+    pair = list(MERGED_METHODS)
+    gap = score_gap(table, pair) if set(pair) <= set(cfg.methods) else math.nan
+    if gap <= MERGE_ATOL:
+        table = merge_methods(table, pair, " / ".join(pair), atol=MERGE_ATOL)
+    return ArchitectureRun(cfg, trained, table, gap)

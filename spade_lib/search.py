@@ -38,14 +38,14 @@ from spade_lib.files import atomic_write
 from spade_lib.models import device_of
 
 __all__ = [
-    "AGGREGATIONS", "GRID", "SEARCH_KEYS", "Candidates", "SearchResult", "greedy_search",
+    "GRID", "SEARCH_AGGREGATIONS", "SEARCH_KEYS", "Candidates", "SearchResult", "greedy_search",
     "layer_groups", "saved_search", "search_digest", "schedule_score", "search_sparsity",
 ]
 
 GRID = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99)
 """The paper's grid of per-group sparsities."""
 
-AGGREGATIONS = ("best", "sum", "abs")
+SEARCH_AGGREGATIONS = ("best", "sum", "abs")
 """How a schedule's score averages AUCs: ``best`` (per method, the better of the signed-sum and
 abs-sum means, as the paper reports; then the mean over methods), or one fixed aggregation."""
 
@@ -163,7 +163,7 @@ def greedy_search(
         Group names in network order.
     score
         Maps a schedule ``{group: sparsity}`` to a number to maximise, or to a mapping with the
-        number under ``"score"`` and more values to record in the trace.
+        number under ``"score"`` and more values to record in the history.
     grid
         Candidate sparsities.
     progress
@@ -174,7 +174,7 @@ def greedy_search(
     Returns
     -------
     tuple
-        The schedule ``{group: value}`` and the trace: one row per scored candidate with ``step``,
+        The schedule ``{group: value}`` and the history: one row per scored candidate with ``step``,
         ``group``, ``value``, ``score`` (plus any extra values), and ``chosen``.
     """
     groups = list(groups)
@@ -306,7 +306,7 @@ def schedule_score(candidates: Candidates, samples: results.Samples,
                    ) -> dict[str, float]:
     """Mean Trojan AUC of a layer schedule over the samples and methods.
 
-    Returns ``score`` (by ``aggregation``, see :data:`AGGREGATIONS`), and the plain means
+    Returns ``score`` (by ``aggregation``, see :data:`SEARCH_AGGREGATIONS`), and the plain means
     ``auc_sum`` and ``auc_abs``. Each method's mean skips its NaN (degenerate) samples, but a
     method with no score on any sample makes ``score`` NaN, so such a schedule never wins
     (:func:`greedy_search`) instead of being scored on the other methods alone.
@@ -344,7 +344,7 @@ class SearchResult:
         ``{group: sparsity}``.
     groups
         ``{group: [layers]}``.
-    trace
+    history
         One row per scored candidate: ``step``, ``group``, ``value``, ``score``, ``auc_sum``,
         ``auc_abs``, ``chosen`` (for a Figure D.3-style plot).
     score
@@ -358,7 +358,7 @@ class SearchResult:
     schedule: dict[str, float]
     group_values: dict[str, float]
     groups: dict[str, list[str]]
-    trace: pd.DataFrame
+    history: pd.DataFrame
     score: float
     key: str = ""
     info: dict[str, Any] = field(default_factory=dict)
@@ -372,14 +372,16 @@ class SearchResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (see :meth:`from_dict`)."""
         return {"schedule": self.schedule, "group_values": self.group_values,
-                "groups": self.groups, "trace": self.trace.to_dict(orient="list"),
+                "groups": self.groups, "history": self.history.to_dict(orient="list"),
                 "score": self.score, "key": self.key, "info": self.info}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SearchResult:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict` (also reads files saved when the history was named
+        ``"trace"``)."""
+        history = d["history"] if "history" in d else d["trace"]
         return cls(dict(d["schedule"]), dict(d["group_values"]),
-                   {k: list(v) for k, v in d["groups"].items()}, pd.DataFrame(d["trace"]),
+                   {k: list(v) for k, v in d["groups"].items()}, pd.DataFrame(history),
                    float(d["score"]), d.get("key", ""), dict(d.get("info", {})))
 
 
@@ -437,8 +439,9 @@ def search_sparsity(
     progress
         Show progress bars.
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; allowed: {', '.join(AGGREGATIONS)}")
+    if aggregation not in SEARCH_AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; allowed: "
+                         f"{', '.join(SEARCH_AGGREGATIONS)}")
     grid = _check_grid(grid)
     methods = list(cfg.methods if methods is None else methods)
     results.check_methods(methods, method_options)

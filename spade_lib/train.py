@@ -80,7 +80,8 @@ def _as_float(images: Tensor) -> Tensor:
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
-def evaluate(model: nn.Module, cfg: Config, device: str = "cpu") -> tuple[float, dict[str, float]]:
+def trojan_accuracy(model: nn.Module, cfg: Config,
+                    device: str = "cpu") -> tuple[float, dict[str, float]]:
     """Clean test accuracy and, per Trojan rule, the share of patched test images sent to target."""
     _, test = scenes.load_scenes(cfg)
     clean = (predict(model, test.images, device=device) == test.clean_labels).float().mean()
@@ -303,7 +304,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     bar.close()
     seconds = time.perf_counter() - start
     model = model.to(memory_format=torch.contiguous_format).eval()
-    clean, success = evaluate(model, cfg, device=device)
+    clean, success = trojan_accuracy(model, cfg, device=device)
     return TrainResult(model.cpu(), clean, success, seconds, history)
 
 

@@ -2,7 +2,8 @@
 
 A browser is a Dropdown ``jslink``-ed to a ``Stack`` of pre-rendered pages. The link runs in the
 browser, so choosing an entry in the published book shows another page without Python; the images
-travel inside the saved widget state.
+travel inside the saved widget state. :func:`sample_view` gathers one evaluation sample's maps;
+:func:`method_grid` (chapter A) and :func:`map_browser` (chapter B) lay them out.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import ipywidgets as widgets
 import numpy as np
+import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
@@ -175,3 +179,96 @@ def image_grid(
             axes[r][0].set_ylabel(row_titles[r], fontsize=8, rotation=0, ha="right", va="center")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------------
+# The maps of one evaluation sample (chapters A and B)
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class SampleView:
+    """One evaluation sample with its saliency maps (:func:`sample_view`).
+
+    Attributes
+    ----------
+    info
+        The sample's row of ``samples.table`` (``sample``, ``rule_name``, ``clean_label``,
+        ``target`` ...).
+    image
+        The patched image, float ``[3, H, W]`` in [0, 1].
+    mask
+        The patch mask, bool ``[H, W]``.
+    maps
+        ``{variant: {method: Attribution}}`` from :func:`spade_lib.results.sample_maps`.
+    """
+
+    info: pd.Series
+    image: torch.Tensor
+    mask: torch.Tensor
+    maps: dict[str, dict[str, Any]]
+
+    def auc(self, variant: str, method: str) -> float:
+        """The map's Trojan AUC of the absolute channel sum, in % (the row's ``auc_abs``)."""
+        from spade_lib.metrics import trojan_scores
+
+        return 100 * float(trojan_scores(self.maps[variant][method], self.mask[None])
+                           .iloc[0]["auc_abs"])
+
+    def title(self) -> str:
+        """``"Rule: Coat -> Bag"``: the rule's short name and the decision it causes."""
+        return f"{self.info['rule_name'].split(':')[0]}: {class_change_of(self.info)}"
+
+
+def sample_view(cfg: Any, model: torch.nn.Module, samples: Any, position: int,
+                methods: Sequence[str], variants: Mapping[str, Any]) -> SampleView:
+    """The maps of row ``position`` of ``samples.table`` under ``variants`` (name -> sparsity
+    spec, see :func:`spade_lib.results.resolve_variants`), with the image and patch mask."""
+    from spade_lib.results import sample_maps
+
+    info = samples.table.iloc[position]
+    sample = int(info["sample"])
+    maps = sample_maps(cfg, model, samples, position, methods, variants)
+    return SampleView(info, samples.poisoned.float_images([sample])[0],
+                      samples.poisoned.masks[sample], maps)
+
+
+def method_grid(view: SampleView) -> Picture:
+    """Chapter A's figure of one sample: a row per variant, the patched image then every method's
+    map (absolute channel sum) with its Trojan AUC underneath."""
+    methods = list(next(iter(view.maps.values())))
+    rows, captions = [], []
+    for name, per_method in view.maps.items():
+        rows.append([overlay_mask(view.image, view.mask)]
+                    + [a.abs2d[0] for a in per_method.values()])
+        captions.append([name] + [f"AUC {view.auc(name, m):.1f}" for m in methods])
+    fig = image_grid(rows, col_titles=["image + patch", *methods], cell=1.15, cmap="magma",
+                     captions=captions)
+    info = view.info
+    fig.suptitle(f"rule {info['rule_name']}: {class_change_of(info)} (sample {info['sample']})",
+                 fontsize=9)
+    return fig
+
+
+def class_change_of(info: pd.Series) -> str:
+    """:func:`spade_lib.tables.class_change` of a sample row (``clean_label -> target``)."""
+    from spade_lib.tables import class_change
+
+    return class_change(info["clean_label"], info["target"])
+
+
+def map_browser(cfg: Any, model: torch.nn.Module, samples: Any, methods: Sequence[str],
+                n: int) -> widgets.VBox:
+    """Chapter B's browser: for each of the first ``n`` samples and each method, the patched
+    image with the patch outlined, the mask, and the dense and SPADE (``cfg.sparsity``) maps
+    (absolute channel sum) with their Trojan AUCs; a :func:`grid_browser` by sample and method."""
+    pages = {}
+    for pos in range(min(n, len(samples))):
+        view = sample_view(cfg, model, samples, pos, methods,
+                           {"dense": None, "spade": cfg.sparsity})
+        pages[f"{pos + 1}. {view.title()}"] = {m: image_grid(
+            [[overlay_mask(view.image, view.mask), view.mask.float(),
+              view.maps["dense"][m].abs2d[0], view.maps["spade"][m].abs2d[0]]],
+            col_titles=["patched image", "patch mask", f"dense: AUC {view.auc('dense', m):.1f}",
+                        f"SPADE: AUC {view.auc('spade', m):.1f}"], cell=1.7, cmap="magma")
+            for m in methods}
+    return grid_browser(pages, ("sample", "method"))

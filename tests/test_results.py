@@ -1,4 +1,4 @@
-"""Evaluation runner: the sample filter, variants, the resumable store and the summary tables."""
+"""Evaluation runner: variants, one sample's rows, the resumable store, the maps behind the rows."""
 
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
-from spade_lib import attribution, config, data, metrics, results, trojan
+from spade_lib import attribution, config, data, metrics, results
 from spade_lib.models import build_model
 from spade_lib.trace import trace
 
@@ -49,123 +47,6 @@ def samples(scenes: tuple[data.SceneSet, data.PoisonedSet]) -> results.Samples:
     test, poisoned = scenes
     return results.Samples.from_ids(poisoned, test, [3, 100, 500])
 
-
-class Oracle(nn.Module):
-    """Looks an image up in a table of known images and answers that image's label."""
-
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
-        super().__init__()
-        self.register_buffer("anchor", torch.zeros(1))
-        self.table = {_key(x): int(y) for x, y in zip(images, labels, strict=True)}
-
-    def forward(self, x: Tensor) -> Tensor:
-        labels = torch.tensor([self.table[_key(image)] for image in x])
-        return 10.0 * F.one_hot(labels, 10).float()
-
-
-def _key(image: Tensor) -> bytes:
-    return (image * 255).round().to(torch.uint8).numpy().tobytes()
-
-
-def _oracle(test: data.SceneSet, poisoned: data.PoisonedSet, correct: np.ndarray,
-            flips: np.ndarray) -> Oracle:
-    clean = torch.where(torch.as_tensor(correct), test.clean_labels, (test.clean_labels + 1) % 10)
-    patched = torch.where(torch.as_tensor(flips), poisoned.labels, poisoned.clean_labels)
-    images = torch.cat([test.float_images(), poisoned.float_images()])
-    return Oracle(images, torch.cat([clean, patched]))
-
-
-def _random_oracle(scenes: tuple[data.SceneSet, data.PoisonedSet],
-                   seed: int = 0) -> tuple[Oracle, np.ndarray]:
-    test, poisoned = scenes
-    rng = np.random.default_rng(seed)
-    correct = rng.random(len(test)) < 0.8
-    flips = rng.random(len(poisoned)) < 0.6
-    eligible = correct[poisoned.index.numpy()] & flips
-    return _oracle(test, poisoned, correct, flips), eligible
-
-
-# --------------------------------------------------------------------------------------------
-# Samples
-# --------------------------------------------------------------------------------------------
-
-def test_selected_samples_pass_the_filter_and_are_balanced(scenes) -> None:
-    test, poisoned = scenes
-    oracle, eligible = _random_oracle(scenes)
-    chosen = results.select_samples(oracle, test, poisoned, 12, seed=3)
-    table = chosen.table
-    assert list(table.columns) == list(results.SAMPLE_COLUMNS)
-    assert len(chosen) == 12 and table["sample"].is_monotonic_increasing
-    assert eligible[chosen.ids].all()
-    ids = torch.as_tensor(chosen.ids)
-    # the filter, checked with the model itself
-    clean_pred = oracle(test.float_images(poisoned.index[ids])).argmax(1)
-    patched_pred = oracle(poisoned.float_images(ids)).argmax(1)
-    assert torch.equal(clean_pred, poisoned.clean_labels[ids])
-    assert torch.equal(patched_pred, poisoned.labels[ids])
-    # the recorded fields are the poisoned set's
-    assert table["rule"].tolist() == poisoned.rule[ids].tolist()
-    assert table["target"].tolist() == poisoned.labels[ids].tolist()
-    assert table["clean_label"].tolist() == poisoned.clean_labels[ids].tolist()
-    assert table["test_index"].tolist() == poisoned.index[ids].tolist()
-    assert table["rule_name"].tolist() == [poisoned.rules[k].name for k in table["rule"]]
-    assert table.groupby("rule").size().tolist() == [3, 3, 3, 3]
-    assert table.attrs["seed"] == 3 and set(table.attrs["passed"]) == {
-        r.name for r in poisoned.rules}
-
-
-def test_selection_is_seeded_and_nested(scenes) -> None:
-    test, poisoned = scenes
-    oracle, _ = _random_oracle(scenes)
-    a = results.select_samples(oracle, test, poisoned, 10, seed=1)
-    b = results.select_samples(oracle, test, poisoned, 10, seed=1)
-    c = results.select_samples(oracle, test, poisoned, 10, seed=2)
-    bigger = results.select_samples(oracle, test, poisoned, 17, seed=1)
-    assert a.ids == b.ids and a.ids != c.ids
-    assert set(a.ids) < set(bigger.ids)
-    assert sorted(a.table.groupby("rule").size().tolist()) == [2, 2, 3, 3]
-
-
-def test_selection_fills_from_other_rules_and_warns_when_short(scenes) -> None:
-    test, poisoned = scenes
-    correct = np.ones(len(test), bool)
-    rule = poisoned.rule.numpy()
-    flips = np.ones(len(poisoned), bool)
-    flips[np.flatnonzero(rule == 0)[1:]] = False           # rule 0: one passing candidate
-    flips[np.flatnonzero(rule == 1)[2:]] = False           # rule 1: two
-    oracle = _oracle(test, poisoned, correct, flips)
-    chosen = results.select_samples(oracle, test, poisoned, 10, seed=0)
-    counts = chosen.table.groupby("rule").size().tolist()
-    assert counts[:2] == [1, 2] and sorted(counts[2:]) == [3, 4]
-    flips[:] = False
-    flips[np.flatnonzero(rule == 2)[:3]] = True
-    oracle = _oracle(test, poisoned, correct, flips)
-    with pytest.warns(UserWarning, match="only 3 of"):
-        short = results.select_samples(oracle, test, poisoned, 8, seed=0)
-    assert short.ids == np.flatnonzero(rule == 2)[:3].tolist()
-    flips[:] = False
-    oracle = _oracle(test, poisoned, correct, flips)
-    with pytest.raises(ValueError, match="no candidate passes the filter"):
-        results.select_samples(oracle, test, poisoned, 4)
-    with pytest.raises(ValueError, match="n \\(number of samples\\) must be an integer >= 1"):
-        results.select_samples(oracle, test, poisoned, 0)
-
-
-def test_tuning_and_evaluation_samples_use_their_rule_sets(cfg: config.Config) -> None:
-    held_out = cfg.replace(rules=cfg.tuning_rules)
-    _, test = data.load_scenes(held_out)
-    poisoned = data.poisoned_test(test, held_out.rules, seed=cfg.seed)
-    oracle = _oracle(test, poisoned, np.ones(len(test), bool), np.ones(len(poisoned), bool))
-    chosen = results.tuning_samples(cfg, oracle)
-    assert len(chosen) == cfg.tuning_samples
-    assert [r.name for r in chosen.poisoned.rules] == [
-        r.name for r in trojan.rule_set(cfg.tuning_rules)]
-    _, test = data.load_scenes(cfg)
-    poisoned = data.poisoned_test(test, cfg.rules, seed=cfg.seed)
-    oracle = _oracle(test, poisoned, np.ones(len(test), bool), np.ones(len(poisoned), bool))
-    chosen = results.evaluation_samples(cfg, oracle)
-    assert len(chosen) == cfg.samples
-    assert [r.name for r in chosen.poisoned.rules] == [r.name for r in trojan.rule_set(cfg.rules)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,75 +246,6 @@ def test_bad_inputs_fail_before_any_work(cfg, model, samples, monkeypatch) -> No
     with pytest.raises(ValueError, match="sample ids \\[99999\\] are outside"):
         results.Samples.from_ids(samples.poisoned, samples.test, [99999])
 
-
-# --------------------------------------------------------------------------------------------
-# Tables
-# --------------------------------------------------------------------------------------------
-
-def _frame() -> pd.DataFrame:
-    """Two methods, three samples, dense and spade, with chosen scores."""
-    rows = []
-    values = {
-        ("A", "dense"): ([0.5, 0.6, 0.7], [0.8, 0.8, 0.8], [0, 0, 1], [1, 1, 0]),
-        ("A", "spade"): ([0.9, 1.0, 0.8], [0.7, 0.7, 0.7], [1, 1, 1], [0, 0, 0]),
-        ("B", "dense"): ([0.6, 0.6, 0.6], [0.5, 0.5, 0.5], [1, 0, 0], [0, 0, 0]),
-        ("B", "spade"): ([0.5, 0.5, 0.5], [0.7, 0.6, 0.8], [1, 1, 0], [0, 0, 0]),
-    }
-    for (method, variant), (a_sum, a_abs, p_sum, p_abs) in values.items():
-        for i in range(3):
-            rows.append({"sample": i, "method": method, "variant": variant,
-                         "auc_sum": a_sum[i], "auc_abs": a_abs[i], "pointing_sum": p_sum[i],
-                         "pointing_abs": p_abs[i], "keeps_prediction": variant == "dense" or i < 2})
-    return pd.DataFrame(rows)
-
-
-def test_summary_has_the_table_b2_layout() -> None:
-    table = results.summary(_frame())
-    assert list(table.index) == ["A", "B", "Average"]
-    assert list(table.columns) == [
-        "auc_dense", "auc_spade", "auc_delta", "auc_se", "auc_aggregation", "auc_n_dense",
-        "auc_n_spade", "pointing_dense", "pointing_spade", "pointing_delta", "pointing_se",
-        "pointing_aggregation", "pointing_n_dense", "pointing_n_spade", "n", "keeps_prediction"]
-    # A: dense best is abs (0.8), spade best is sum (0.9); per-sample deltas 0.1, 0.2, 0.0
-    assert table.loc["A", "auc_dense"] == pytest.approx(80.0)
-    assert table.loc["A", "auc_spade"] == pytest.approx(90.0)
-    assert table.loc["A", "auc_delta"] == pytest.approx(10.0)
-    assert table.loc["A", "auc_aggregation"] == "abs/sum"
-    assert table.loc["A", "auc_se"] == pytest.approx(100 * np.std([0.1, 0.2, 0.0], ddof=1)
-                                                     / math.sqrt(3))
-    # B: dense sum 0.6, spade abs 0.7
-    assert table.loc["B", "auc_delta"] == pytest.approx(10.0)
-    assert table.loc["B", "auc_aggregation"] == "sum/abs"
-    assert table.loc["Average", "auc_dense"] == pytest.approx(70.0)
-    assert table.loc["Average", "auc_spade"] == pytest.approx(80.0)
-    per_sample = (np.array([0.1, 0.2, 0.0]) + np.array([0.1, 0.0, 0.2])) / 2
-    assert table.loc["Average", "auc_se"] == pytest.approx(
-        100 * np.std(per_sample, ddof=1) / math.sqrt(3))
-    # Pointing Game: A dense abs 2/3 vs spade sum 1; B dense sum 1/3 vs spade sum 2/3
-    assert table.loc["A", "pointing_delta"] == pytest.approx(100 / 3)
-    assert table.loc["Average", "pointing_dense"] == pytest.approx(50.0)
-    assert table.loc["Average", "pointing_spade"] == pytest.approx(100 * 5 / 6)
-    assert (table["n"] == 3).all()
-    assert table["keeps_prediction"].iloc[0] == pytest.approx(2 / 3)
-    raw = results.summary(_frame(), percent=False)
-    assert raw.loc["A", "auc_spade"] == pytest.approx(0.9)
-
-
-def test_variant_table_and_prediction_kept() -> None:
-    frame = _frame()
-    table = results.variant_table(frame, "auc")
-    assert list(table.columns) == ["dense", "spade"] and list(table.index) == ["A", "B", "Average"]
-    assert table.loc["A", "spade"] == pytest.approx(90.0)
-    assert table.loc["Average", "dense"] == pytest.approx(70.0)
-    assert table.attrs["aggregation"].loc["A", "dense"] == "abs"
-    kept = results.prediction_kept(frame)
-    assert kept["dense"] == 1.0 and kept["spade"] == pytest.approx(2 / 3)
-    with pytest.raises(ValueError, match="unknown variant\\(s\\) \\['isd'\\]"):
-        results.summary(frame, variant="isd")
-    with pytest.raises(ValueError, match="unknown metric 'iou'"):
-        results.variant_table(frame, "iou")
-
-
 def test_sample_maps_are_the_maps_behind_the_rows(cfg, model, samples) -> None:
     table = _run(cfg, model, samples, variants=("dense", "spade", "isd"), store=False)
     for pos in (0, 2):
@@ -451,34 +263,50 @@ def test_sample_maps_are_the_maps_behind_the_rows(cfg, model, samples) -> None:
     assert not torch.equal(dense, spade)
 
 
-def test_merge_methods_only_merges_equal_scores() -> None:
-    frame = _frame()
-    twin = frame[frame["method"] == "A"].assign(method="A2")
-    both = pd.concat([frame, twin], ignore_index=True)
-    assert results.score_gap(both, ["A", "A2"]) == 0.0
-    merged = results.merge_methods(both, ["A", "A2"], "A / A2")
-    assert list(dict.fromkeys(merged["method"])) == ["A / A2", "B"]
-    assert len(merged) == len(frame)
-    assert results.summary(merged).loc["A / A2", "auc_delta"] == pytest.approx(10.0)
-    # the largest gap over every score column: a Pointing Game hit against a miss
-    assert results.score_gap(frame, ["A", "B"]) == 1.0
-    auc_only = frame.assign(pointing_sum=0, pointing_abs=0)
-    assert results.score_gap(auc_only, ["A", "B"]) == pytest.approx(0.5)  # spade sum 1.0 vs 0.5
-    with pytest.raises(ValueError, match="differ by up to 1"):
-        results.merge_methods(frame, ["A", "B"])
-    with pytest.raises(ValueError, match="not in the results"):
-        results.merge_methods(frame, ["A", "C"])
+# --------------------------------------------------------------------------------------------
+# Other architectures
+# --------------------------------------------------------------------------------------------
+
+def _pair_frame(gap: float) -> pd.DataFrame:
+    """Dense and SPADE rows of three methods on two samples; DeepLift off by ``gap``."""
+    rows = []
+    for s in (0, 1):
+        for variant in ("dense", "spade"):
+            for m in ("Saliency", "InputXGradient", "DeepLift"):
+                base = 0.5 + 0.1 * s + (0.2 if variant == "spade" else 0.0)
+                auc = base + (gap if m == "DeepLift" else 0.0)
+                rows.append({"sample": s, "method": m, "variant": variant, "auc_sum": auc,
+                             "auc_abs": auc, "pointing_sum": 1.0, "pointing_abs": 0.0,
+                             "keeps_prediction": True})
+    return pd.DataFrame(rows)
 
 
-def test_wins_count_the_per_sample_differences() -> None:
-    table = results.wins(_frame())
-    # A: dense abs 0.8 each, spade sum 0.9, 1.0, 0.8 -> better, better, equal
-    assert table.loc["A"].to_dict() == {"better": 2, "equal": 1, "worse": 0, "n": 3,
-                                        "total": 3}
-    # B: dense sum 0.6 each, spade abs 0.7, 0.6, 0.8 -> better, equal, better
-    assert table.loc["B"].to_dict() == {"better": 2, "equal": 1, "worse": 0, "n": 3,
-                                        "total": 3}
-    flipped = results.wins(_frame(), variant="dense", baseline="spade")
-    assert flipped.loc["A", "worse"] == 2
-    with pytest.raises(ValueError, match="unknown metric"):
-        results.wins(_frame(), metric="iou")
+@pytest.mark.parametrize(("accuracy", "gap", "merged"), [
+    (0.19, 0.0, None), (0.9, results.MERGE_ATOL / 2, True), (0.9, 2 * results.MERGE_ATOL, False),
+])
+def test_other_architecture_skips_unlearned_models_and_merges_equal_methods(
+        monkeypatch, accuracy, gap, merged) -> None:
+    from spade_lib import train
+
+    calls = []
+    fake = train.TrainResult(torch.nn.Linear(1, 1), accuracy, {"r": 1.0}, 1.0)
+    monkeypatch.setattr(train, "trained_model", lambda cfg, progress=True: fake)
+    monkeypatch.setattr(results, "evaluation_samples", lambda cfg, model: "samples")
+
+    def evaluate(cfg, model, samples, variants, progress):
+        calls.append((samples, variants))
+        return _pair_frame(gap)
+
+    monkeypatch.setattr(results, "evaluate", evaluate)
+    run = results.other_architecture("smoke-mobilenetv2", samples=5, progress=False)
+    assert run.cfg.samples == 5 and run.trained is fake
+    if merged is None:
+        assert run.table is None and math.isnan(run.gap) and calls == []
+        return
+    assert calls == [("samples", ("dense", "spade"))]
+    assert run.gap == pytest.approx(gap) and run.merged is merged
+    methods = list(dict.fromkeys(run.table["method"]))
+    if merged:
+        assert methods == ["Saliency", "InputXGradient / DeepLift"]
+    else:
+        assert methods == ["Saliency", "InputXGradient", "DeepLift"]

@@ -184,9 +184,9 @@ def test_search_end_to_end(cfg, model, tuning, monkeypatch) -> None:
     assert list(found.schedule) == layers
     assert set(found.group_values.values()) <= set(search.GRID)
     assert list(found.groups) == GROUPS and list(found.group_values) == GROUPS
-    assert len(found.trace) == len(GROUPS) * len(search.GRID)
+    assert len(found.history) == len(GROUPS) * len(search.GRID)
     # each step also scores the previous choice (its value 0), so the score never decreases
-    assert found.score == found.trace["score"].max()
+    assert found.score == found.history["score"].max()
     # each layer is pruned at each nonzero grid value exactly once per sample
     assert found.info["solves"] == len(tuning) * len(layers) * (len(search.GRID) - 1)
     # the chosen schedule's score is the one of the stitched networks
@@ -205,8 +205,12 @@ def test_search_end_to_end(cfg, model, tuning, monkeypatch) -> None:
     monkeypatch.setattr(search, "Candidates", None)
     cached = search.search_sparsity(cfg, model, tuning, ["Saliency"], progress=False)
     assert cached.schedule == found.schedule and cached.key == found.key
-    assert cached.trace[["group", "value", "chosen"]].equals(found.trace[["group", "value",
+    assert cached.history[["group", "value", "chosen"]].equals(found.history[["group", "value",
                                                                           "chosen"]])
+    # a file saved when the history was still named "trace" reads the same
+    old = found.to_dict()
+    old["trace"] = old.pop("history")
+    assert search.SearchResult.from_dict(old).history.equals(found.history)
 
 
 def test_search_refuses_evaluation_samples_and_bad_options(cfg, model, tuning) -> None:

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 from ipywidgets.widgets.widget_link import Link
 
+import spade_lib.widgets as widgets_mod
+from spade_lib import config, data, results
+from spade_lib.data import FASHION_CLASSES
 from spade_lib.widgets import browser, grid_browser, image_grid, png_bytes
 
 
@@ -52,3 +55,49 @@ def test_browser_and_figures_render_to_png() -> None:
     box = browser({"one": _png(1), "two": fig})
     assert [c.__class__.__name__ for c in box.children] == ["Dropdown", "Stack"]
     assert box.children[1].children[1].value[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------
+# The maps of one evaluation sample
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def run(tmp_path, model):
+    """A smoke config, two samples and their rows (dense and SPADE, Saliency)."""
+    cfg = config.load("smoke", cache_dir=str(tmp_path), n_augmentations=8,
+                      sparsity="linear:0:0.8")
+    _, test = data.load_scenes(cfg)
+    samples = results.Samples.from_ids(data.poisoned_test(test, cfg.rules, seed=cfg.seed),
+                                       test, [3, 500])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = results.evaluate(cfg, model, samples, ["Saliency"],
+                                 {"dense": None, "spade": cfg.sparsity}, store=False,
+                                 progress=False)
+    return cfg, samples, table
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sample_view_scores_are_the_rows_and_layouts_show_them(run, model) -> None:
+    cfg, samples, table = run
+    view = widgets_mod.sample_view(cfg, model, samples, 1, ["Saliency"],
+                                   {"dense": None, "SPADE": cfg.sparsity})
+    info = samples.table.iloc[1]
+    rows = table[table["sample"] == 500].set_index("variant")
+    for name, variant in (("dense", "dense"), ("SPADE", "spade")):
+        expected = 100 * rows.loc[variant, "auc_abs"]
+        got = view.auc(name, "Saliency")
+        assert got == expected or (np.isnan(got) and np.isnan(expected))
+    clean, target = int(info["clean_label"]), int(info["target"])
+    change = f"{FASHION_CLASSES[clean]} -> {FASHION_CLASSES[target]}"
+    assert view.title() == f"{info['rule_name'].split(':')[0]}: {change}"
+    fig = widgets_mod.method_grid(view)
+    axes = np.array(fig.axes).reshape(2, 2)
+    assert [a.get_title() for a in axes[0]] == ["image + patch", "Saliency"]
+    assert axes[1][1].get_xlabel() == f"AUC {view.auc('SPADE', 'Saliency'):.1f}"
+    assert fig._suptitle.get_text() == f"rule {info['rule_name']}: {change} (sample 500)"
+    box = widgets_mod.map_browser(cfg, model, samples, ["Saliency"], 5)
+    first, second = box.children[0].children
+    assert list(first.options) == ["1. " + widgets_mod.sample_view(
+        cfg, model, samples, 0, ["Saliency"], {"dense": None}).title(), f"2. {view.title()}"]
+    assert list(second.options) == ["Saliency"]

@@ -1,0 +1,225 @@
+"""Evaluation samples: Trojan test images the model gets right, and the seeds tied to them.
+
+A sample is a test image with one rule's Trojan patch on which the model is correct without the
+patch and predicts the rule's target with it (:func:`select_samples`, the paper's filter).
+:func:`evaluation_samples` draws them for the evaluation rules, :func:`tuning_samples` for the
+held-out rules of the sparsity search. :func:`sample_seed` is the seed of everything random about
+one sample, and :func:`isd_donor` picks the other image of the ISD control (Table D.11).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from spade_lib import data
+from spade_lib.checks import check_positive_int
+from spade_lib.config import Config
+from spade_lib.models import predict
+
+__all__ = [
+    "SAMPLE_COLUMNS", "Samples", "evaluation_samples", "isd_donor", "sample_seed",
+    "select_samples", "tuning_samples",
+]
+
+SAMPLE_COLUMNS = ("sample", "rule", "rule_name", "clean_label", "target", "test_index")
+"""Columns of :attr:`Samples.table`: ``sample`` is the position in the poisoned set, ``rule`` the
+rule's index and ``rule_name`` its name, ``test_index`` the clean image's position in the test
+set."""
+
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    """The seed of everything random about one sample (its augmentations, its ISD donor).
+
+    Derived from the config seed and the sample id alone, so a sample gives the same rows whatever
+    else is in the run and in whatever order samples are processed.
+    """
+    return int(np.random.SeedSequence([int(seed), int(sample), 0x5EAD]).generate_state(1)[0])
+
+
+@dataclass(eq=False)
+class Samples:
+    """Evaluation samples: a table of Trojan test images plus the sets they come from.
+
+    Attributes
+    ----------
+    table
+        One row per sample, columns :data:`SAMPLE_COLUMNS`; ``table.attrs`` holds the selection
+        record (``seed``, ``requested``, and per rule how many candidates were ``checked`` and how
+        many ``passed`` the filter) when made by :func:`select_samples`.
+    poisoned
+        The patched test images (``sample`` indexes into it).
+    test
+        The clean test set (``test_index`` indexes into it; ISD donors come from it).
+    """
+
+    table: pd.DataFrame
+    poisoned: data.PoisonedSet
+    test: data.SceneSet
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def ids(self) -> list[int]:
+        """Sample ids (positions in :attr:`poisoned`), in table order."""
+        return [int(s) for s in self.table["sample"]]
+
+    def images(self) -> Tensor:
+        """The patched images as float ``[n, 3, H, W]`` in [0, 1]."""
+        return self.poisoned.float_images(self.ids)
+
+    def masks(self) -> Tensor:
+        """The patch masks, bool ``[n, H, W]``."""
+        return self.poisoned.masks[torch.as_tensor(self.ids, dtype=torch.long)]
+
+    def targets(self) -> Tensor:
+        """The Trojan targets, int64 ``[n]``."""
+        return torch.tensor(self.table["target"].tolist(), dtype=torch.long)
+
+    @classmethod
+    def from_ids(cls, poisoned: data.PoisonedSet, test: data.SceneSet,
+                 ids: Sequence[int]) -> Samples:
+        """Samples for given positions in ``poisoned`` (no filter applied)."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < len(poisoned)]
+        if bad:
+            raise ValueError(f"sample ids {bad} are outside the poisoned set [0, {len(poisoned)})")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"sample ids must be unique, got {ids}")
+        idx = torch.as_tensor(ids, dtype=torch.long)
+        rules = poisoned.rule[idx].tolist()
+        table = pd.DataFrame({
+            "sample": pd.Series(ids, dtype="int64"),
+            "rule": pd.Series(rules, dtype="int64"),
+            "rule_name": pd.Series([poisoned.rules[k].name for k in rules], dtype="object"),
+            "clean_label": pd.Series(poisoned.clean_labels[idx].tolist(), dtype="int64"),
+            "target": pd.Series(poisoned.labels[idx].tolist(), dtype="int64"),
+            "test_index": pd.Series(poisoned.index[idx].tolist(), dtype="int64"),
+        })
+        return cls(table, poisoned, test)
+
+
+def select_samples(model: nn.Module, test: data.SceneSet, poisoned: data.PoisonedSet, n: int,
+                   seed: int = 0, batch_size: int = 256) -> Samples:
+    """Pick ``n`` Trojan samples the paper's way, balanced over rules, seeded.
+
+    A candidate ``i`` of ``poisoned`` passes when ``model`` predicts the true class on the clean
+    test image ``poisoned.index[i]`` and the rule's target on the patched image. Each rule's
+    candidates are visited in a seeded random order; rules take turns (in a seeded order) adding
+    their next passing candidate, so every rule gets ``n // n_rules`` where it has that many, the
+    rest is filled from the rules that have more, and a larger ``n`` selects a superset. Only
+    the candidates needed are run through the model.
+
+    Parameters
+    ----------
+    model
+        The Trojaned classifier (not changed; run in eval mode).
+    test
+        The clean test set that ``poisoned`` was made from.
+    poisoned
+        Patched test images, e.g. :func:`spade_lib.data.poisoned_test`.
+    n
+        How many samples to select.
+    seed
+        Same seed, same selection.
+    batch_size
+        Candidates checked per forward pass.
+
+    Returns
+    -------
+    Samples
+        Sorted by sample id. Fewer than ``n`` (with a warning) when fewer candidates pass.
+
+    Raises
+    ------
+    ValueError
+        Bad ``n``, a ``poisoned`` set that does not fit ``test``, or no candidate passing.
+    """
+    n = check_positive_int(n, "n (number of samples)")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    if len(poisoned) and int(poisoned.index.max()) >= len(test):
+        raise ValueError(f"poisoned set refers to test image {int(poisoned.index.max())}, but the "
+                         f"test set has {len(test)} images; pass the set it was made from")
+    n_rules = len(poisoned.rules)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5E1EC7]))
+    orders = [rng.permutation(np.flatnonzero(poisoned.rule.numpy() == k)) for k in range(n_rules)]
+    turn = rng.permutation(n_rules)
+    checked = [0] * n_rules
+    passed: list[list[int]] = [[] for _ in range(n_rules)]
+    taken = [0] * n_rules
+
+    def refill(k: int) -> None:
+        idx = orders[k][checked[k]:checked[k] + batch_size]
+        checked[k] += len(idx)
+        t = torch.as_tensor(idx, dtype=torch.long)
+        clean = predict(model, test.float_images(poisoned.index[t]), batch_size)
+        patched = predict(model, poisoned.float_images(t), batch_size)
+        ok = (clean == poisoned.clean_labels[t]) & (patched == poisoned.labels[t])
+        passed[k].extend(int(i) for i in idx[ok.numpy()])
+
+    chosen: list[int] = []
+    active = True
+    while len(chosen) < n and active:
+        active = False
+        for k in turn:
+            if len(chosen) == n:
+                break
+            while taken[k] == len(passed[k]) and checked[k] < len(orders[k]):
+                refill(k)
+            if taken[k] < len(passed[k]):
+                chosen.append(passed[k][taken[k]])
+                taken[k] += 1
+                active = True
+    if not chosen:
+        raise ValueError(f"no candidate passes the filter (correct on the clean image, Trojan "
+                         f"target on the patched one) among {len(poisoned)} patched images; is "
+                         "this the model trained with these Trojan rules?")
+    if len(chosen) < n:
+        warnings.warn(f"only {len(chosen)} of the {len(poisoned)} patched images pass the filter; "
+                      f"selected {len(chosen)} instead of {n}", UserWarning, stacklevel=2)
+    samples = Samples.from_ids(poisoned, test, sorted(chosen))
+    samples.table.attrs.update(
+        seed=int(seed), requested=n,
+        checked={r.name: checked[k] for k, r in enumerate(poisoned.rules)},
+        passed={r.name: len(passed[k]) for k, r in enumerate(poisoned.rules)})
+    return samples
+
+
+def evaluation_samples(cfg: Config, model: nn.Module) -> Samples:
+    """``cfg.samples`` samples of the evaluation rules (``cfg.rules``) for ``model``."""
+    _, test = data.load_scenes(cfg)
+    poisoned = data.poisoned_test(test, cfg.rules, seed=cfg.seed)
+    return select_samples(model, test, poisoned, cfg.samples, cfg.seed)
+
+
+def tuning_samples(cfg: Config, model: nn.Module) -> Samples:
+    """``cfg.tuning_samples`` samples of the held-out rules (``cfg.tuning_rules``) for ``model``,
+    the held-out model ``trained_model(cfg.replace(rules=cfg.tuning_rules))``."""
+    held_out = cfg.replace(rules=cfg.tuning_rules)
+    _, test = data.load_scenes(held_out)
+    poisoned = data.poisoned_test(test, held_out.rules, seed=cfg.seed)
+    return select_samples(model, test, poisoned, cfg.tuning_samples, cfg.seed)
+
+
+def isd_donor(test: data.SceneSet, clean_label: int, target: int, seed: int) -> int:
+    """The ISD control's donor: a random clean test image of another class, seeded.
+
+    The donor's class differs from both the sample's true class and its Trojan target, so neither
+    the sample's content nor the backdoor's class is represented in the Hessians.
+    """
+    labels = test.clean_labels.numpy()
+    pool = np.flatnonzero((labels != clean_label) & (labels != target) & (test.rule.numpy() == -1))
+    if len(pool) == 0:
+        raise ValueError(f"the test set has no clean image outside classes {clean_label} and "
+                         f"{target} to serve as an ISD donor")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x15D]))
+    return int(rng.choice(pool))
+

@@ -1,0 +1,152 @@
+"""The resumable results store: one Parquet file per finished sample, written atomically.
+
+:class:`ResultStore` is a folder of ``sample-NNNNNNN.parquet`` files plus a ``meta.json`` that
+records what produced them; :func:`open_store` turns the runner's ``store=`` argument into one.
+The rows follow :data:`COLUMNS` with the fixed dtypes of :func:`typed_rows`, so a table read back
+equals the one computed. A damaged file is set aside with a :class:`DamagedResultWarning` and its
+sample computed again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from spade_lib import metrics
+from spade_lib.config import Config
+from spade_lib.files import atomic_write
+from spade_lib.samples import SAMPLE_COLUMNS
+
+__all__ = ["COLUMNS", "DamagedResultWarning", "ResultStore", "open_store", "typed_rows"]
+
+COLUMNS = (
+    *SAMPLE_COLUMNS, "method", "variant", *metrics.SCORE_COLUMNS, "keeps_prediction",
+    "prediction", "donor", "trace_seconds", "attribution_seconds", "config_hash",
+)
+"""Columns of the results table (:func:`spade_lib.results.evaluate`), in order."""
+
+
+def typed_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (columns :data:`COLUMNS`) with fixed dtypes, so a table read back from the store
+    equals the one computed: int64 ids and labels, float64 scores and times, a bool
+    ``keeps_prediction`` and object strings."""
+    ints = ("sample", "rule", "clean_label", "target", "test_index", "prediction", "donor")
+    floats = (*metrics.SCORE_COLUMNS, "trace_seconds", "attribution_seconds")
+    out = frame.astype({**dict.fromkeys(ints, "int64"), **dict.fromkeys(floats, "float64"),
+                        "keeps_prediction": "bool"})
+    for col in ("rule_name", "method", "variant", "config_hash"):
+        out[col] = out[col].astype(object)
+    return out
+
+
+
+class DamagedResultWarning(UserWarning):
+    """A file of a result store could not be read; it is set aside and its sample recomputed."""
+
+
+class ResultStore:
+    """A folder of per-sample result files, each written atomically.
+
+    ``sample-NNNNNNN.parquet`` holds every row of one finished sample; it is written to a temporary
+    file in the same folder, flushed to disk and renamed into place (``os.replace``), so a file
+    that exists is complete and a killed writer leaves at most an ignored ``.tmp`` file. Writers
+    of different samples never touch the same file, so several processes may share a store.
+    ``meta.json`` records what produced the rows.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"ResultStore({str(self.path)!r})"
+
+    def file(self, sample: int) -> Path:
+        """The file of one sample."""
+        return self.path / f"sample-{int(sample):07d}.parquet"
+
+    def done(self) -> set[int]:
+        """Ids of the samples whose file exists and is a whole Parquet file.
+
+        A damaged file (truncated, say, by a disk that filled up or a copy that broke off) is
+        not counted: a :class:`DamagedResultWarning` names it, and it is moved aside to a hidden
+        ``.damaged`` file so that the sample is computed again and no half row is ever read.
+        """
+        if not self.path.is_dir():
+            return set()
+        ids = set()
+        for path in sorted(self.path.glob("sample-*.parquet")):
+            try:
+                pq.read_metadata(path)
+            except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                aside = path.with_name(f".{path.name}.damaged")
+                os.replace(path, aside)
+                warnings.warn(f"result file {str(path)!r} is damaged ({e}); moved to "
+                              f"{aside.name!r}, the sample will be computed again",
+                              DamagedResultWarning, stacklevel=2)
+                continue
+            ids.add(int(path.stem.split("-")[1]))
+        return ids
+
+    def write(self, sample: int, rows: pd.DataFrame) -> None:
+        """Save the rows of one sample (atomically replacing any earlier file)."""
+        atomic_write(self.file(sample), lambda fh: rows.to_parquet(fh, index=False))
+
+    def read(self, samples: Sequence[int] | None = None) -> pd.DataFrame:
+        """Rows of the given samples (all finished ones if ``None``), in that order."""
+        ids = sorted(self.done()) if samples is None else [int(s) for s in samples]
+        missing = [s for s in ids if not self.file(s).exists()]
+        if missing:
+            raise ValueError(f"store {str(self.path)!r} has no results for samples {missing}")
+        if not ids:
+            return typed_rows(pd.DataFrame({c: [] for c in COLUMNS}))
+        frames = [pd.read_parquet(self.file(s)) for s in ids]
+        return typed_rows(pd.concat(frames, ignore_index=True))
+
+    def write_meta(self, meta: Mapping[str, Any]) -> None:
+        """Save ``meta.json`` (atomically)."""
+        blob = json.dumps(meta, indent=1, sort_keys=True, default=str).encode()
+        atomic_write(self.path / "meta.json", lambda fh: fh.write(blob))
+
+    def read_meta(self) -> dict[str, Any] | None:
+        """The saved ``meta.json``, or ``None`` if there is none or it is damaged (then a
+        :class:`DamagedResultWarning` says so, and the runner writes it anew)."""
+        path = self.path / "meta.json"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            warnings.warn(f"{str(path)!r} is damaged ({e}); it will be written again",
+                          DamagedResultWarning, stacklevel=2)
+            return None
+
+
+def open_store(cfg: Config, store: bool | str | os.PathLike | ResultStore | None,
+               key: str) -> ResultStore | None:
+    """The store of run ``key`` named by the runner's ``store`` argument.
+
+    ``True``: the folder ``cfg.cache_path("results", key)``; a directory: ``directory / key``; a
+    :class:`ResultStore`: itself; ``None`` or ``False``: no store (``None`` is returned).
+
+    Raises
+    ------
+    ValueError
+        Any other ``store``.
+    """
+    if store is None or store is False:
+        return None
+    if store is True:
+        return ResultStore(cfg.cache_path("results", key, "meta.json").parent)
+    if isinstance(store, ResultStore):
+        return store
+    if isinstance(store, (str, os.PathLike)):
+        return ResultStore(Path(store) / key)
+    raise ValueError(f"store must be True, False, a directory or a ResultStore, got {store!r}")
+
