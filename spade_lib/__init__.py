@@ -6,10 +6,13 @@ The public face fits the PyTorch/Captum world::
     pruned = spade_lib.trace(model, image, sparsity=0.9)        # a pruned copy + per-layer report
     maps = spade_lib.attribute(model, images, target, method="Saliency", spade={"sparsity": 0.9})
 
-Modules, one concern each: ``config``, ``data``, ``trojan``, ``models``, ``train``, ``augment``,
-``hessians``, ``pruning``, ``schedules``, ``trace``, ``attribution``, ``metrics``, ``results``,
-``widgets``. ``spade_lib.trace`` and ``spade_lib.augment`` are the functions; import the modules
-of those names as ``from spade_lib.trace import ...`` / ``from spade_lib.augment import ...``.
+Modules, one concern each (the README's Layout lists them all): ``config``, ``data``, ``scenes``,
+``datasets``, ``trojan``, ``models``, ``train``, ``augment``, ``hessians``, ``pruning``,
+``schedules``, ``trace``, ``attribution``, ``lrp``, ``metrics``, ``samples``, ``results``,
+``store``, ``tables``, ``search``, ``widgets``; shared helpers in ``checks``, ``files`` and
+``reproducibility``. ``spade_lib.trace`` and ``spade_lib.augment`` are the functions; import the
+modules of those names as ``from spade_lib.trace import ...`` /
+``from spade_lib.augment import ...``.
 """
 
 from spade_lib.attribution import METHODS, Attribution, attribute
