@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import pytest
 import torch
 from fashion import write_fashion
+from nets import Tiny
 from torch import nn
 
-from spade_lib import data
+from spade_lib import data, metrics
 from spade_lib.models import build_model
 
 
@@ -22,10 +24,37 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def seeded() -> Iterator[None]:
+    """Seed torch's global RNG with 0 for one test; the state it had comes back afterwards.
+
+    Request it where a test or fixture would otherwise begin with ``torch.manual_seed(0)``, so
+    one test cannot change the random numbers another one draws.
+    """
+    state = torch.get_rng_state()
+    torch.manual_seed(0)
+    yield
+    torch.set_rng_state(state)
+
+
+@pytest.fixture
+def quiet() -> Iterator[None]:
+    """Silence ``metrics.DegenerateScoreWarning`` (a NaN score, e.g. of a constant map)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", metrics.DegenerateScoreWarning)
+        yield
+
+
+@pytest.fixture
+def tiny(seeded: None) -> nn.Module:
+    """A ``nets.Tiny`` drawn with seed 0 (in training mode)."""
+    return Tiny()
+
+
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
     """A random ResNet-20 (width 8, 32 px) whose logits spread, so saliency maps are not flat."""
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # inline: ``seeded`` is per test and this network is built per module
     net = build_model("resnet20", 10, 8, 32).eval()
     net.fc.weight.data.mul_(30.0)
     return net

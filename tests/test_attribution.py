@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def resnet() -> nn.Module:
     """A random ResNet-20 whose logits spread like a trained one's (std about 4)."""
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # inline: ``seeded`` is per test and this network is built per module
     model = randomize_bn(build_model("resnet20", width=8, image_size=SIDE), seed=1)
     model.fc.weight.data.mul_(30.0)
     return model
@@ -113,8 +113,8 @@ def test_every_method_runs_and_leaves_the_model_alone(resnet: nn.Module, method:
 
 
 @pytest.mark.parametrize("arch", ["mobilenetv2", "convnext"])
+@pytest.mark.usefixtures("seeded")
 def test_every_method_but_lrp_on_non_relu_networks(arch: str) -> None:
-    torch.manual_seed(0)
     model = build_model(arch, width=4, image_size=32).eval()
     x = smooth_images(1, seed=9, side=32)
     for method in METHODS:
@@ -234,8 +234,8 @@ def test_gradient_shap_baselines() -> None:
 
 @pytest.mark.parametrize(("arch", "layer"), [("resnet20", "layers"), ("resnet18", "layers"),
                                              ("mobilenetv2", "head"), ("convnext", "stages")])
+@pytest.mark.usefixtures("seeded")
 def test_grad_cam_layer_is_the_last_conv_stage(arch: str, layer: str) -> None:
-    torch.manual_seed(0)
     model = build_model(arch, width=4, image_size=32).eval()
     assert default_cam_layer(model, torch.rand(1, 3, 32, 32)) == layer
 

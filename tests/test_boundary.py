@@ -55,8 +55,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def ctx(tmp_path: Path, one_thread: None) -> SimpleNamespace:
-    torch.manual_seed(0)
+def ctx(tmp_path: Path, one_thread: None, seeded: None) -> SimpleNamespace:
     gelu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 3))
     (tmp_path / "empty").mkdir()
     return SimpleNamespace(tmp=tmp_path, net=Tiny().eval(), gelu=gelu,

@@ -59,9 +59,9 @@ CONV_SETTINGS = [
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation,mode,size", CONV_SETTINGS)
 @pytest.mark.parametrize("chunk_size", [1, 2**24])
+@pytest.mark.usefixtures("seeded")
 def test_conv_hessian_equals_loop_over_positions(kernel, stride, padding, dilation, mode, size,
                                                  chunk_size):
-    torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, kernel, stride, padding, dilation, padding_mode=mode).double()
     x = torch.randn(2, 3, *size, dtype=torch.float64)
     h = layer_hessians(nn.Sequential(conv), x, ["0"], dtype=torch.float64,
@@ -80,8 +80,8 @@ def test_both_conv_hessian_paths_are_covered():
 
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation,mode,size", CONV_SETTINGS)
+@pytest.mark.usefixtures("seeded")
 def test_conv_columns_reproduce_the_conv(kernel, stride, padding, dilation, mode, size):
-    torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, kernel, stride, padding, dilation, padding_mode=mode,
                      bias=False).double()
     x = torch.randn(2, 3, *size, dtype=torch.float64)
@@ -90,8 +90,8 @@ def test_conv_columns_reproduce_the_conv(kernel, stride, padding, dilation, mode
     torch.testing.assert_close(conv.weight.flatten(1) @ cols, out.flatten(2))
 
 
+@pytest.mark.usefixtures("seeded")
 def test_linear_hessian_flattens_extra_dims_and_accepts_batch_lists():
-    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 3)).double()
     x = torch.randn(6, 4, 5, dtype=torch.float64)
     rows = x.reshape(-1, 5)

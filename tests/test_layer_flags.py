@@ -95,8 +95,8 @@ def test_prune_info_flags_are_derived_from_the_counts() -> None:
     assert not PruneInfo("obc", 0.5, 0.5, 0.01, 0.0, 0.0, 0.0).empty
 
 
+@pytest.mark.usefixtures("seeded")
 def test_trace_flags_and_warns_about_the_3x4_head(image) -> None:
-    torch.manual_seed(0)
     model = Head()
     before = model.fc.weight.detach().clone()
     with pytest.warns(SparsityTargetWarning, match="fc keeps 1 weights that rounding"):
@@ -108,8 +108,8 @@ def test_trace_flags_and_warns_about_the_3x4_head(image) -> None:
     assert not row["empty"] and row["spared"] == 1 and row["excess"] == 0
 
 
+@pytest.mark.usefixtures("seeded")
 def test_trace_flags_a_layer_above_target_from_a_dead_channel(image) -> None:
-    torch.manual_seed(0)
     model = DeadChannel()
     with pytest.warns(SparsityTargetWarning, match="conv is above its target 0.5 by 72 weights"):
         tr = trace(model, image, sparsity=0.5, layers="conv", **FAST)
@@ -122,8 +122,8 @@ def test_trace_flags_a_layer_above_target_from_a_dead_channel(image) -> None:
                     **FAST)
 
 
+@pytest.mark.usefixtures("seeded")
 def test_trace_does_not_warn_when_every_layer_meets_its_target(image) -> None:
-    torch.manual_seed(0)
     model = DeadChannel()
     with torch.no_grad():
         model.stem.bias[1] = 1.0                       # channel 1 alive again

@@ -29,8 +29,8 @@ def test_lrp_refused_on_non_relu_networks(arch: str, activation: str) -> None:
         attribute(model, torch.rand(1, 3, 32, 32), 0, "LRP")
 
 
+@pytest.mark.usefixtures("seeded")
 def test_lrp_canonizers_keep_the_function() -> None:
-    torch.manual_seed(0)
     model = randomize_bn(build_model("resnet18", width=4, image_size=SIDE), seed=2)
     work = copy.deepcopy(model)
     x = smooth_images(2, seed=5)
@@ -46,9 +46,9 @@ def test_lrp_canonizers_keep_the_function() -> None:
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet20"])
+@pytest.mark.usefixtures("seeded")
 def test_lrp_conserves_relevance(arch: str) -> None:
     x = smooth_images(3, seed=6)
-    torch.manual_seed(0)
     # zero BatchNorm shifts and fc bias (every merged bias is 0), non-negative conv weights
     model = positive_convs(randomize_bn(build_model(arch, width=4, image_size=SIDE), 3,
                                         shift=False))
@@ -90,9 +90,9 @@ def test_lrp_conservation_on_general_weights() -> None:
                                    rtol=1e-2, atol=0)
 
 
+@pytest.mark.usefixtures("seeded")
 def test_lrp_on_torchvision_resnet50() -> None:
     """The three-ReLU bottlenecks of make_attribution_safe are canonized too."""
-    torch.manual_seed(0)
     model = randomize_bn(build_model("tv_resnet50", image_size=32), seed=5)
     x = smooth_images(1, seed=8, side=32)
     target = model(x).argmax(1)
@@ -112,9 +112,9 @@ def _relevance_in(fn: object, inputs: torch.Tensor, s: torch.Tensor) -> torch.Te
     return inputs.detach() * grad
 
 
+@pytest.mark.usefixtures("seeded")
 def test_lrp_rules_match_a_hand_computation() -> None:
     """Box rule on the first conv, z-plus on the second, epsilon on the dense layer."""
-    torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1),
                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).eval()
     c1, c2, fc = net[0], net[2], net[6]

@@ -53,8 +53,8 @@ def _activation_calls(model: nn.Module, x: torch.Tensor) -> dict[nn.Module, int]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.usefixtures("seeded")
 def test_output_shape_and_activations_used_once_not_inplace(arch: str) -> None:
-    torch.manual_seed(0)
     model = build_model(arch, num_classes=7, width=8, image_size=_side(arch)).eval()
     x = torch.rand(2, 3, _side(arch), _side(arch))
     assert model(x).shape == (2, 7)
@@ -63,8 +63,8 @@ def test_output_shape_and_activations_used_once_not_inplace(arch: str) -> None:
     assert not any(getattr(m, "inplace", False) for m in model.modules())
 
 
+@pytest.mark.usefixtures("seeded")
 def test_convnext_norm_normalises_each_pixel_over_its_channels() -> None:
-    torch.manual_seed(0)
     x = 3 * torch.randn(2, 6, 5, 4) + 1
     norm = LayerNorm2d(6)
     out = norm(x)
@@ -98,8 +98,8 @@ def test_deeplift_is_complete_on_relu_networks(arch: str) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.usefixtures("seeded")
 def test_every_captum_method_runs(arch: str) -> None:
-    torch.manual_seed(0)
     s = _side(arch)
     model = build_model(arch, 10, 8, s).eval()
     x, t = torch.rand(2, 3, s, s), torch.tensor([1, 2])
@@ -146,8 +146,8 @@ def test_device_of() -> None:
         device_of(nn.ReLU(), default=None)
 
 
+@pytest.mark.usefixtures("seeded")
 def test_predict_reads_uint8_and_restores_every_flag() -> None:
-    torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Dropout(0.9), nn.Linear(6, 3))
     net.train()
     net[2].eval()  # a mixed state: every module's own flag must come back

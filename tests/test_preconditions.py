@@ -153,8 +153,8 @@ def _no_pruning(monkeypatch: pytest.MonkeyPatch) -> None:
 # 3. Functional activations, reused activation modules, completeness
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("seeded")
 def test_deeplift_refuses_functional_relus() -> None:
-    torch.manual_seed(0)
     model, x = TwoConv().eval(), torch.rand(1, 3, 12, 12)
     before = _params(model)
     with pytest.raises(ValueError, match=r"DeepLift cannot run on this model: it applies the "
@@ -164,9 +164,8 @@ def test_deeplift_refuses_functional_relus() -> None:
 
 
 @pytest.mark.parametrize("method", ["GuidedBackprop", "GuidedGradCam"])
-def test_guided_methods_refuse_functional_relus(method: str) -> None:
-    torch.manual_seed(0)
-    model = Tiny().eval()
+def test_guided_methods_refuse_functional_relus(method: str, tiny: nn.Module) -> None:
+    model = tiny.eval()
     before = _params(model)
     with pytest.raises(ValueError, match=f"{method} cannot run on this model: .* relu .*"
                        "Allowed: ReLUs as nn.ReLU"):
@@ -174,13 +173,13 @@ def test_guided_methods_refuse_functional_relus(method: str) -> None:
     assert _unchanged(model, before)
 
 
+@pytest.mark.usefixtures("seeded")
 def test_guided_methods_accept_relu_subclasses() -> None:
     """Captum guides every ``nn.ReLU`` instance, subclasses included."""
 
     class MyReLU(nn.ReLU):
         pass
 
-    torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), MyReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(4, 3)).eval()
     attr = attribute(model, _images(), 0, "GuidedBackprop")
@@ -229,8 +228,8 @@ class Detached(nn.Module):
         return self.net(x) + 10.0 * x.mean((1, 2, 3))[:, None].detach()
 
 
+@pytest.mark.usefixtures("seeded")
 def test_gradient_shap_expectation_gap() -> None:
-    torch.manual_seed(0)
     model, x = Detached().eval(), _images(1, side=12)
     before = _params(model)
     with pytest.warns(CompletenessWarning, match="GradientShap.*detached"):
@@ -243,10 +242,10 @@ def test_gradient_shap_expectation_gap() -> None:
     assert (gap.abs() <= tol).all()
 
 
+@pytest.mark.usefixtures("seeded")
 def test_make_attribution_safe_rewires_torchvision_basic_blocks() -> None:
     """torchvision's ResNet-18 applies each block's ReLU twice: DeepLift refuses it; rewired, the
     function is the same and DeepLift and LRP run and sum to the score (change)."""
-    torch.manual_seed(0)
     raw = torchvision.models.resnet18(num_classes=10).eval()
     x = _images(1, side=32, seed=5)
     with pytest.raises(ValueError, match=r"module 'layer1.0.relu' \(ReLU\) runs 2 times"):
@@ -265,8 +264,8 @@ def test_make_attribution_safe_rewires_torchvision_basic_blocks() -> None:
 # 4. LRP on residual additions it does not canonize
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("seeded")
 def test_lrp_refuses_a_residual_block_it_cannot_canonize(monkeypatch: pytest.MonkeyPatch) -> None:
-    torch.manual_seed(0)
     model = PlainResNet().eval()
     before = _params(model)
     match = (r"LRP cannot run on this model: module 'blocks.0' \(PlainBlock\) adds two branches "
@@ -346,8 +345,8 @@ def test_grid_segments() -> None:
 # 8. Checks before SPADE's pruning
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("seeded")
 def test_deeplift_refuses_a_reused_relu_before_pruning(monkeypatch: pytest.MonkeyPatch) -> None:
-    torch.manual_seed(0)
     model = ReusedReLU().eval()
     before = _params(model)
     _no_pruning(monkeypatch)

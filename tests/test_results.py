@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +17,7 @@ from spade_lib.trace import trace
 SECONDS = ["trace_seconds", "attribution_seconds"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", metrics.DegenerateScoreWarning)
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread", "quiet")
 
 
 @pytest.fixture

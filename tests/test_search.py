@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -14,19 +12,12 @@ import torch
 import yaml
 from torch import nn
 
-from spade_lib import config, data, metrics, pruning, results, search
+from spade_lib import config, data, pruning, results, search
 from spade_lib.models import build_model
 from spade_lib.trace import trace
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", metrics.DegenerateScoreWarning)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
+pytestmark = [pytest.mark.usefixtures("one_thread", "quiet"),
+              pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from nets import Tiny
 from torch import nn
 
 from spade_lib import pruning
@@ -18,14 +17,6 @@ from spade_lib.trace import Trace, trace, trace_batch
 
 CUDA = torch.cuda.is_available()
 FAST = dict(n_augmentations=24, batch_size=10)
-
-
-
-
-@pytest.fixture
-def model() -> nn.Module:
-    torch.manual_seed(0)
-    return Tiny()
 
 
 @pytest.fixture
@@ -41,20 +32,20 @@ def _weights(m: nn.Module) -> dict[str, torch.Tensor]:
 # Traces
 # --------------------------------------------------------------------------------------------
 
-def test_trace_leaves_callers_model_bit_identical_and_in_its_mode(model, image):
-    model.train()
-    model.dw.eval()
-    before = _weights(model)
-    tr = trace(model, image, sparsity=0.8, **FAST)
-    after = model.state_dict()
+def test_trace_leaves_callers_model_bit_identical_and_in_its_mode(tiny, image):
+    tiny.train()
+    tiny.dw.eval()
+    before = _weights(tiny)
+    tr = trace(tiny, image, sparsity=0.8, **FAST)
+    after = tiny.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)   # BN buffers included
-    assert model.training and not model.dw.training and model.conv.training
-    assert all(not m._forward_hooks for m in model.modules())
-    assert isinstance(tr, Trace) and tr.model is not model and not tr.model.training
+    assert tiny.training and not tiny.dw.training and tiny.conv.training
+    assert all(not m._forward_hooks for m in tiny.modules())
+    assert isinstance(tr, Trace) and tr.model is not tiny and not tr.model.training
 
 
-def test_trace_prunes_a_copy_and_reports_every_layer(model, image):
-    tr = trace(model, image, sparsity=0.8, **FAST)
+def test_trace_prunes_a_copy_and_reports_every_layer(tiny, image):
+    tr = trace(tiny, image, sparsity=0.8, **FAST)
     report = tr.report.set_index("layer")
     assert list(report.index) == ["conv", "conv2", "fc"]
     assert list(tr.report.columns) == ["layer", "shape", "target", "sparsity", "rel_error",
@@ -65,50 +56,50 @@ def test_trace_prunes_a_copy_and_reports_every_layer(model, image):
         assert row["shape"] == tuple(weight.shape)
         assert row.sparsity == pytest.approx((weight == 0).float().mean().item())
         assert row.sparsity >= 0.79 and 0 < row.rel_error < 1 and row.damp == 0.01
-    assert torch.equal(tr.model.stem.weight, model.stem.weight)   # stem and depthwise kept
-    assert torch.equal(tr.model.dw.weight, model.dw.weight)
+    assert torch.equal(tr.model.stem.weight, tiny.stem.weight)   # stem and depthwise kept
+    assert torch.equal(tr.model.dw.weight, tiny.dw.weight)
     assert set(tr.timings) == {"augment", "hessians", "solve", "total"}
 
 
-def test_trace_relative_error_is_measured_on_the_augmented_batch(model, image):
+def test_trace_relative_error_is_measured_on_the_augmented_batch(tiny, image):
     """``rel_error`` is ``||(W - W_hat) X||^2 / ||W X||^2`` over the layer's inputs."""
-    tr = trace(model, image, sparsity=0.8, layers=["fc"], **FAST)
+    tr = trace(tiny, image, sparsity=0.8, layers=["fc"], **FAST)
     gen = torch.Generator().manual_seed(0)
     batch = torch.cat([augment(image, n, "default", gen) for n in (10, 10, 4)])
     inputs = []
-    handle = model.fc.register_forward_hook(lambda m, i, o: inputs.append(i[0]))
-    with torch.no_grad(), eval_mode(model):
-        model(batch)
+    handle = tiny.fc.register_forward_hook(lambda m, i, o: inputs.append(i[0]))
+    with torch.no_grad(), eval_mode(tiny):
+        tiny(batch)
     handle.remove()
     x = inputs[0]
-    diff = (model.fc.weight - tr.model.fc.weight) @ x.T
-    expected = (diff**2).sum() / ((model.fc.weight @ x.T) ** 2).sum()
+    diff = (tiny.fc.weight - tr.model.fc.weight) @ x.T
+    expected = (diff**2).sum() / ((tiny.fc.weight @ x.T) ** 2).sum()
     assert tr.report.rel_error[0] == pytest.approx(expected.item(), rel=1e-4)
 
 
-def test_trace_is_deterministic_for_a_seed(model, image):
-    a = trace(model, image, seed=3, **FAST).model
-    b = trace(model, image, seed=3, **FAST).model
-    c = trace(model, image, seed=4, **FAST).model
+def test_trace_is_deterministic_for_a_seed(tiny, image):
+    a = trace(tiny, image, seed=3, **FAST).model
+    b = trace(tiny, image, seed=3, **FAST).model
+    c = trace(tiny, image, seed=4, **FAST).model
     assert all(torch.equal(x, y) for x, y in zip(_weights(a).values(), _weights(b).values(),
                                                  strict=True))
     assert not torch.equal(a.conv2.weight, c.conv2.weight)
 
 
-def test_sequential_mode_uses_the_partially_pruned_copy(model, image):
-    indep = trace(model, image, sparsity=0.8, **FAST)
-    seq = trace(model, image, sparsity=0.8, sequential=True, **FAST)
+def test_sequential_mode_uses_the_partially_pruned_copy(tiny, image):
+    indep = trace(tiny, image, sparsity=0.8, **FAST)
+    seq = trace(tiny, image, sparsity=0.8, sequential=True, **FAST)
     assert torch.equal(indep.model.conv.weight, seq.model.conv.weight)   # same dense inputs
     assert not torch.equal(indep.model.conv2.weight, seq.model.conv2.weight)
     assert (seq.report.sparsity > 0.79).all()
 
 
-def test_trace_batch_matches_single_traces(model):
+def test_trace_batch_matches_single_traces(tiny):
     images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
-    batch = trace_batch(model, images, sparsity=0.7, seed=10, **FAST)
+    batch = trace_batch(tiny, images, sparsity=0.7, seed=10, **FAST)
     assert len(batch) == 3
     for i, tr in enumerate(batch):
-        single = trace(model, images[i], sparsity=0.7, seed=10 + i, **FAST)
+        single = trace(tiny, images[i], sparsity=0.7, seed=10 + i, **FAST)
         for name in ("conv", "conv2", "fc"):
             torch.testing.assert_close(getattr(tr.model, name).weight,
                                        getattr(single.model, name).weight, rtol=1e-4, atol=1e-5)
@@ -116,11 +107,11 @@ def test_trace_batch_matches_single_traces(model):
 
 
 @pytest.mark.parametrize("sequential", [False, True])
-def test_trace_equals_the_algorithm_spelled_out(model, image, sequential):
+def test_trace_equals_the_algorithm_spelled_out(tiny, image, sequential):
     """Views from the seed, Hessians (of the dense copy, or of the copy pruned so far), one
     solve per layer: the same weights bit for bit."""
-    tr = trace(model, image, sparsity=0.8, seed=2, sequential=sequential, **FAST)
-    work = copy.deepcopy(model).eval()
+    tr = trace(tiny, image, sparsity=0.8, seed=2, sequential=sequential, **FAST)
+    work = copy.deepcopy(tiny).eval()
     names = ["conv", "conv2", "fc"]
 
     def hessians(layers):
@@ -139,9 +130,9 @@ def test_trace_equals_the_algorithm_spelled_out(model, image, sequential):
         assert torch.equal(x, y), key
 
 
-def test_trace_is_trace_batch_of_one_sample(model, image):
-    single = trace(model, image, sparsity=0.7, seed=4, **FAST)
-    (batch,) = trace_batch(model, image[None], sparsity=0.7, seed=4, **FAST)
+def test_trace_is_trace_batch_of_one_sample(tiny, image):
+    single = trace(tiny, image, sparsity=0.7, seed=4, **FAST)
+    (batch,) = trace_batch(tiny, image[None], sparsity=0.7, seed=4, **FAST)
     for (key, x), y in zip(_weights(single.model).items(), _weights(batch.model).values(),
                            strict=True):
         assert torch.equal(x, y), key
@@ -150,18 +141,18 @@ def test_trace_is_trace_batch_of_one_sample(model, image):
 
 @pytest.mark.parametrize("pruner,options", [("obc", {}), ("magnitude", {}),
                                             ("fastobc", {"mask_group": "row"})])
-def test_trace_with_other_pruners(model, image, pruner, options):
-    tr = trace(model, image, sparsity={"conv2": 0.5, "fc": 0.6}, pruner=pruner, **FAST,
+def test_trace_with_other_pruners(tiny, image, pruner, options):
+    tr = trace(tiny, image, sparsity={"conv2": 0.5, "fc": 0.6}, pruner=pruner, **FAST,
                **options)
     assert list(tr.report.layer) == ["conv2", "fc"]
     assert tr.report.sparsity.tolist() == pytest.approx([0.5, 0.6], abs=0.02)
-    assert torch.equal(tr.model.conv.weight, model.conv.weight)   # target 0: left as is
+    assert torch.equal(tr.model.conv.weight, tiny.conv.weight)   # target 0: left as is
 
 
-def test_trace_schedules_and_layer_patterns(model, image):
-    tr = trace(model, image, sparsity=only("conv2", 0.9), **FAST)
+def test_trace_schedules_and_layer_patterns(tiny, image):
+    tr = trace(tiny, image, sparsity=only("conv2", 0.9), **FAST)
     assert list(tr.report.layer) == ["conv2"]
-    tr = trace(model, image, sparsity=linear(0.2, 0.8), layers="conv*", progress=True,
+    tr = trace(tiny, image, sparsity=linear(0.2, 0.8), layers="conv*", progress=True,
                **FAST)
     assert tr.report.target.tolist() == pytest.approx([0.2, 0.8])
 
@@ -172,33 +163,33 @@ def test_trace_schedules_and_layer_patterns(model, image):
     (torch.full((3, 16, 16), math.nan), "NaN"),
     (torch.zeros(3, 16, 16, dtype=torch.uint8), "float"),
 ])
-def test_trace_rejects_bad_images(model, bad, message):
+def test_trace_rejects_bad_images(tiny, bad, message):
     with pytest.raises(ValueError, match=message):
-        trace(model, bad, **FAST)
+        trace(tiny, bad, **FAST)
 
 
-def test_trace_rejects_bad_arguments_before_work(model, image):
+def test_trace_rejects_bad_arguments_before_work(tiny, image):
     with pytest.raises(ValueError, match="'sparsegpt'"):
-        trace(model, image, pruner="sparsegpt")
+        trace(tiny, image, pruner="sparsegpt")
     with pytest.raises(ValueError, match="'conv3'.*block prefixes of"):
-        trace(model, image, sparsity={"conv3": 0.5})
+        trace(tiny, image, sparsity={"conv3": 0.5})
     with pytest.raises(ValueError, match="'block.*'.*valid layers"):
-        trace(model, image, layers=["block*"])
+        trace(tiny, image, layers=["block*"])
     with pytest.raises(ValueError, match="n_augmentations.*0"):
-        trace(model, image, n_augmentations=0)
+        trace(tiny, image, n_augmentations=0)
     with pytest.raises(ValueError, match="sparsity 1.0"):
-        trace(model, image, sparsity=1.0)
+        trace(tiny, image, sparsity=1.0)
     with pytest.raises(ValueError, match="bogus"):
-        trace(model, image, bogus=1)
+        trace(tiny, image, bogus=1)
     with pytest.raises(ValueError, match="passed as recipe=, not augment="):
-        trace(model, image, augment="convnext")
+        trace(tiny, image, augment="convnext")
     with pytest.raises(ValueError, match=r"images\[1\]: .*NaN"):
-        trace_batch(model, torch.stack([image, torch.full_like(image, math.nan)]))
+        trace_batch(tiny, torch.stack([image, torch.full_like(image, math.nan)]))
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_trace_on_gpu(model, image):
-    gpu = model.cuda()
+def test_trace_on_gpu(tiny, image):
+    gpu = tiny.cuda()
     tr = trace(gpu, image, sparsity=0.8, **FAST)
     assert next(tr.model.parameters()).is_cuda
     assert (tr.report.sparsity >= 0.79).all()
