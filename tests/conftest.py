@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from fashion import write_fashion
 from nets import Tiny
 from torch import nn
 
-from spade_lib import data, metrics
+from spade_lib import config, data, metrics
 from spade_lib.models import build_model
 
 
@@ -68,3 +69,19 @@ def fake_fashion(tmp_path, monkeypatch):
     monkeypatch.setenv("SPADE_DATA_DIR", str(folder))
     monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", tmp_path / "no-system-dir")
     return arrays
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> config.Config:
+    """The smoke preset with a fresh cache, 8 augmentations and a linear schedule (the runner's
+    tests); files that need another config define their own ``cfg``."""
+    return config.load("smoke", cache_dir=str(tmp_path), n_augmentations=8,
+                       sparsity="linear:0:0.8")
+
+
+@pytest.fixture(scope="module")
+def scenes() -> tuple[data.SceneSet, data.PoisonedSet]:
+    """The smoke test scenes and their poisoned copies."""
+    smoke = config.load("smoke")
+    _, test = data.load_scenes(smoke)
+    return test, data.poisoned_test(test, smoke.rules, seed=smoke.seed)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from spade_lib import attribution, config, data, metrics, results
+from spade_lib import attribution, data, metrics, results
 from spade_lib.models import build_model
 from spade_lib.trace import trace
 
@@ -18,19 +18,6 @@ SECONDS = ["trace_seconds", "attribution_seconds"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread", "quiet")
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> config.Config:
-    return config.load("smoke", cache_dir=str(tmp_path), n_augmentations=8,
-                       sparsity="linear:0:0.8")
-
-
-@pytest.fixture(scope="module")
-def scenes() -> tuple[data.SceneSet, data.PoisonedSet]:
-    smoke = config.load("smoke")
-    _, test = data.load_scenes(smoke)
-    return test, data.poisoned_test(test, smoke.rules, seed=smoke.seed)
 
 
 @pytest.fixture

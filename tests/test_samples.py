@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -14,19 +12,6 @@ import spade_lib.samples as sampling
 from spade_lib import config, data, trojan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> config.Config:
-    return config.load("smoke", cache_dir=str(tmp_path), n_augmentations=8,
-                       sparsity="linear:0:0.8")
-
-
-@pytest.fixture(scope="module")
-def scenes() -> tuple[data.SceneSet, data.PoisonedSet]:
-    smoke = config.load("smoke")
-    _, test = data.load_scenes(smoke)
-    return test, data.poisoned_test(test, smoke.rules, seed=smoke.seed)
 
 
 
