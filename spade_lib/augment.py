@@ -30,6 +30,19 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator | None,
     return (torch.rand(n, generator=gen, device=gdev) * (high - low) + low).to(device)
 
 
+def _box_sides(n: int, tries: int, area: int, scale: tuple[float, float],
+               ratio: tuple[float, float], gen: torch.Generator | None,
+               device: torch.device) -> tuple[Tensor, Tensor]:
+    """``tries`` candidate box sides per sample, ``[n, tries]`` each, as torchvision draws them:
+    an area share uniform in ``scale`` and a log-uniform aspect in ``ratio``; returns the rounded
+    ``sqrt(area * aspect)`` and ``sqrt(area / aspect)`` (which is width and which height is the
+    caller's: RandomResizedCrop and RandomErasing differ)."""
+    target = area * _uniform(n * tries, *scale, gen, device).view(n, tries)
+    aspect = torch.exp(_uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), gen, device))
+    aspect = aspect.view(n, tries)
+    return torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
+
+
 def _crop_boxes(n: int, height: int, width: int, gen: torch.Generator | None,
                 device: torch.device, scale: tuple[float, float] = (0.2, 1.0),
                 ratio: tuple[float, float] = (3 / 4, 4 / 3), tries: int = 10) -> Tensor:
@@ -38,12 +51,7 @@ def _crop_boxes(n: int, height: int, width: int, gen: torch.Generator | None,
     Each sample draws ``tries`` (area, log-aspect) pairs at once and keeps the first box that fits;
     samples with none fall back to the central crop with the aspect clamped to ``ratio``.
     """
-    area = height * width
-    target = area * _uniform(n * tries, *scale, gen, device).view(n, tries)
-    aspect = torch.exp(_uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), gen, device))
-    aspect = aspect.view(n, tries)
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
+    w, h = _box_sides(n, tries, height * width, scale, ratio, gen, device)
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = fits.to(torch.uint8).argmax(1)
     w, h = w.gather(1, first[:, None])[:, 0], h.gather(1, first[:, None])[:, 0]
@@ -119,12 +127,7 @@ def _erase_boxes(n: int, height: int, width: int, gen: torch.Generator | None,
                  device: torch.device, scale: tuple[float, float] = (0.02, 0.33),
                  ratio: tuple[float, float] = (0.3, 3.3), tries: int = 10) -> Tensor:
     """Boxes ``(top, left, h, w)`` as torchvision's RandomErasing draws them (``h = 0``: none)."""
-    area = height * width
-    target = area * _uniform(n * tries, *scale, gen, device).view(n, tries)
-    aspect = torch.exp(_uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), gen, device))
-    aspect = aspect.view(n, tries)
-    h = torch.round(torch.sqrt(target * aspect))
-    w = torch.round(torch.sqrt(target / aspect))
+    h, w = _box_sides(n, tries, height * width, scale, ratio, gen, device)
     fits = (h < height) & (w < width)
     first = fits.to(torch.uint8).argmax(1)
     h, w = h.gather(1, first[:, None])[:, 0], w.gather(1, first[:, None])[:, 0]
