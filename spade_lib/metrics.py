@@ -10,8 +10,11 @@ reports, per method, the better of the two means (:func:`best_of_aggregations`).
 Degenerate cases (a constant map, an empty mask, a mask covering the whole image) have no
 meaningful score: they give NaN and a :class:`DegenerateScoreWarning`, never a silent 0.5 or hit.
 
-:func:`insertion_deletion` measures fidelity (Table J.18): the target probability as pixels are
-inserted into a blank image, or deleted from the image, in order of saliency.
+:func:`insertion_deletion` measures fidelity (Table J.18) by Petsiuk et al.'s protocol (RISE,
+2018): the probability of the predicted class as pixels are inserted, most salient first, into a
+blurred copy of the image (:func:`petsiuk_blur`), or deleted from the image to a constant; the
+areas under both curves, unnormalised and normalised by the full image's probability.
+:func:`insertion_deletion_batch` does several maps of one image at once.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from spade_lib.hessians import eval_mode
 from spade_lib.models import device_of
 
 __all__ = [
-    "AGGREGATIONS", "BASELINES", "SCORE_COLUMNS", "TIES", "DegenerateScoreWarning",
-    "FidelityCurves", "aggregate", "best_of_aggregations", "insertion_deletion",
-    "insertion_deletion_curves", "pointing_game", "pointing_game_batch", "trojan_auc",
-    "trojan_auc_batch", "trojan_scores",
+    "AGGREGATIONS", "BASELINES", "CANVASES", "PETSIUK_BLUR_SIGMA", "PETSIUK_BLUR_SIZE",
+    "PETSIUK_SIDE", "SCORE_COLUMNS", "TIES", "DegenerateScoreWarning", "FidelityCurves",
+    "aggregate", "best_of_aggregations", "insertion_deletion", "insertion_deletion_batch",
+    "insertion_deletion_curves", "petsiuk_blur", "petsiuk_blur_parameters", "pointing_game",
+    "pointing_game_batch", "trojan_auc", "trojan_auc_batch", "trojan_scores",
 ]
 
 AGGREGATIONS = ("sum", "abs")
@@ -300,6 +304,20 @@ def best_of_aggregations(scores: pd.DataFrame, by: str | Sequence[str] | None = 
 # --------------------------------------------------------------------------------------------
 
 BASELINES = ("zero", "blur")
+"""Names of the old ``baseline`` argument of :func:`insertion_deletion_curves` (one canvas for both
+curves); the canvases of the Petsiuk protocol are :data:`CANVASES`, a constant or a tensor."""
+
+CANVASES = ("blur", "zero")
+"""Named canvases: ``"blur"`` (:func:`petsiuk_blur` of the image) and ``"zero"`` (all 0)."""
+
+PETSIUK_SIDE = 224
+"""Image side (pixels) of Petsiuk et al.'s ImageNet evaluation, to which their blur refers."""
+
+PETSIUK_BLUR_SIZE = 11
+"""Side of Petsiuk et al.'s blur kernel at :data:`PETSIUK_SIDE` pixels (``klen`` in their code)."""
+
+PETSIUK_BLUR_SIGMA = 5.0
+"""Width of Petsiuk et al.'s blur at :data:`PETSIUK_SIDE` pixels (``ksig`` in their code)."""
 
 
 @dataclass
@@ -309,15 +327,23 @@ class FidelityCurves:
     Attributes
     ----------
     fractions
-        ``[steps + 1]`` fraction of pixels inserted / deleted at each point, 0 to 1.
+        ``[steps + 1]`` fraction of pixels inserted / deleted at each point, 0 to 1 (both ends
+        included).
     insertion, deletion
         ``[steps + 1]`` target probability on each image (divided by ``full_probability`` when
-        normalised).
+        the curves were asked for normalised).
     full_probability
         Target probability on the unmodified image.
     insertion_auc, deletion_auc
-        Trapezoidal area under each curve over ``fractions``; higher insertion and lower deletion
-        mean a more faithful map.
+        Trapezoidal area under each curve above over ``fractions``; higher insertion and lower
+        deletion mean a more faithful map.
+    target
+        The class whose probability is tracked (the model's prediction unless one was given).
+    insertion_area, deletion_area
+        Area under the unnormalised probability curves (in [0, 1]), whatever ``normalize`` was.
+    insertion_normalised, deletion_normalised
+        The same areas divided by ``full_probability``: the paper's (and Petsiuk et al.'s)
+        normalisation; NaN when ``full_probability`` is 0.
     """
 
     fractions: Tensor
@@ -326,127 +352,283 @@ class FidelityCurves:
     full_probability: float
     insertion_auc: float
     deletion_auc: float
+    target: int = -1
+    insertion_area: float = math.nan
+    deletion_area: float = math.nan
+    insertion_normalised: float = math.nan
+    deletion_normalised: float = math.nan
 
 
+def petsiuk_blur_parameters(height: int, width: int) -> tuple[int, float]:
+    """Petsiuk et al.'s blur scaled to an image of ``height x width`` pixels.
 
-def _blur(image: Tensor, sigma: float) -> Tensor:
-    from torchvision.transforms.functional import gaussian_blur
+    Their kernel (side :data:`PETSIUK_BLUR_SIZE`, sigma :data:`PETSIUK_BLUR_SIGMA` at
+    :data:`PETSIUK_SIDE` pixels) is scaled by ``min(height, width) / 224``: the sigma exactly,
+    the side up to the next odd integer (so the kernel has a centre). At 224 px this gives (11, 5),
+    at 32 px (3, 0.714).
 
-    side = min(image.shape[-2:])
-    size = min(2 * math.ceil(3 * sigma) + 1, side - (1 - side % 2))
-    return gaussian_blur(image, [size, size], [sigma, sigma])
+    Returns
+    -------
+    tuple
+        ``(size, sigma)``: kernel side in pixels (odd, >= 1) and the Gaussian's sigma in pixels.
+    """
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be a positive int (pixels), got {value!r}")
+    scale = min(int(height), int(width)) / PETSIUK_SIDE
+    size = max(1, 2 * math.ceil((PETSIUK_BLUR_SIZE * scale - 1) / 2) + 1)
+    return size, PETSIUK_BLUR_SIGMA * scale
 
 
-def insertion_deletion_curves(
-    model: nn.Module, image: Tensor, saliency_2d: Tensor, target: int, steps: int = 32,
-    baseline: str = "zero", normalize: bool = True, batch_size: int = 64,
-    blur_sigma: float | None = None,
-) -> FidelityCurves:
-    """Insertion and deletion curves (Petsiuk et al. 2018; the paper's Table J.18).
+def petsiuk_blur(image: Tensor, size: int | None = None, sigma: float | None = None) -> Tensor:
+    """Petsiuk et al.'s insertion canvas: each channel convolved with their Gaussian kernel.
 
-    Pixels are ranked by ``saliency_2d`` (descending, ties in raster order). Insertion starts from
-    the baseline image and puts back the top-ranked pixels; deletion starts from the image and
-    replaces the top-ranked pixels by the baseline. At ``steps + 1`` evenly spaced pixel counts the
-    model's softmax probability of ``target`` is recorded; all images are built at once and run
-    in batches of ``batch_size``.
+    As in their ``evaluation.py``: the kernel is a ``size x size`` delta smoothed by
+    ``scipy.ndimage.gaussian_filter`` with ``sigma`` (reflecting borders, so it sums to 1), and
+    the image is convolved with it with zero padding of ``size // 2`` (borders darken).
 
     Parameters
     ----------
-    model
-        Classifier returning logits; run in eval mode without gradients, its flags restored. The
-        image is moved to the model's device.
     image
-        ``[C, H, W]`` (or ``[1, C, H, W]``).
-    saliency_2d
-        ``[H, W]`` (or ``[1, H, W]``); a 2-D aggregation of the map.
-    target
-        Class whose probability is tracked.
-    steps
-        Number of intervals of the curve (1 to ``H * W``).
-    baseline
-        ``"zero"`` (a black image, as in the paper) or ``"blur"`` (a Gaussian blur of the image,
-        Petsiuk's insertion canvas).
-    normalize
-        Divide the curves by the probability on the full image (the paper's normalisation).
-    batch_size
-        Images per forward pass.
-    blur_sigma
-        Blur width in pixels; default ``max(1, side / 45)`` (Petsiuk's 5 px at 224 px).
+        ``[C, H, W]`` or ``[N, C, H, W]`` float tensor.
+    size, sigma
+        Kernel side (odd int) and sigma in pixels; default :func:`petsiuk_blur_parameters` of
+        the image's size.
+
+    Returns
+    -------
+    Tensor
+        Same shape, dtype and device as ``image``.
     """
-    for name, value in (("image", image), ("saliency_2d", saliency_2d)):
+    from scipy.ndimage import gaussian_filter
+
+    if not isinstance(image, Tensor) or image.dim() not in (3, 4) or not image.is_floating_point():
+        what = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+        raise ValueError(f"image must be a float tensor [C, H, W] or [N, C, H, W], got {what}")
+    auto_size, auto_sigma = petsiuk_blur_parameters(*image.shape[-2:])
+    size = auto_size if size is None else size
+    sigma = auto_sigma if sigma is None else sigma
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1 \
+            or size % 2 == 0:
+        raise ValueError(f"blur_size must be an odd positive int (pixels), got {size!r}")
+    if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not 0 < sigma < math.inf:
+        raise ValueError(f"blur_sigma must be a positive number (pixels), got {sigma!r}")
+    delta = np.zeros((int(size), int(size)))
+    delta[size // 2, size // 2] = 1.0
+    kernel = torch.as_tensor(gaussian_filter(delta, float(sigma)), dtype=image.dtype,
+                             device=image.device)
+    x = image[None] if image.dim() == 3 else image
+    c = x.shape[1]
+    out = F.conv2d(x, kernel.expand(c, 1, size, size), padding=size // 2, groups=c)
+    return out[0] if image.dim() == 3 else out
+
+
+def _canvas(spec: Any, x: Tensor, what: str, blur_size: int | None,
+            blur_sigma: float | None) -> Tensor:
+    """The canvas ``[C, H, W]`` named by ``spec`` for image ``x``."""
+    if isinstance(spec, Tensor):
+        if not spec.is_floating_point() or not torch.isfinite(spec).all():
+            raise ValueError(f"{what} canvas must be a finite float tensor")
+        try:
+            return spec.detach().to(x.device, x.dtype).expand_as(x).clone()
+        except RuntimeError:
+            raise ValueError(f"{what} canvas of shape {tuple(spec.shape)} does not broadcast to "
+                             f"the image's {tuple(x.shape)}") from None
+    if isinstance(spec, str) and spec in CANVASES:
+        return petsiuk_blur(x, blur_size, blur_sigma) if spec == "blur" else torch.zeros_like(x)
+    if isinstance(spec, int | float | np.floating | np.integer) and not isinstance(spec, bool) \
+            and math.isfinite(spec):
+        return torch.full_like(x, float(spec))
+    raise ValueError(f"unknown {what} canvas {spec!r}; allowed: {', '.join(CANVASES)}, a finite "
+                     "number (a constant image) or a tensor that broadcasts to [C, H, W]")
+
+
+def _check_curve_image(image: Tensor, maps: Tensor, saliency_name: str) -> tuple[Tensor, Tensor]:
+    """``(x [C, H, W], maps [M, H, W])`` after the checks shared by the curve functions."""
+    for name, value in (("image", image), (saliency_name, maps)):
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     x = image[0] if image.dim() == 4 and image.shape[0] == 1 else image
-    s = saliency_2d[0] if saliency_2d.dim() == 3 and saliency_2d.shape[0] == 1 else saliency_2d
     if x.dim() != 3:
         raise ValueError(f"image must be [C, H, W], got {tuple(image.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"image must be a float tensor, got {x.dtype}")
-    if s.shape != x.shape[1:]:
-        raise ValueError(f"saliency map shape {tuple(saliency_2d.shape)} does not match the "
-                         f"image's {tuple(x.shape[1:])}")
-    if not torch.isfinite(s).all() or not torch.isfinite(x).all():
+    return x, maps
+
+
+def insertion_deletion_batch(
+    model: nn.Module, image: Tensor, maps: Tensor, target: int | None = None,
+    steps: int | None = None, *, insertion_canvas: str | float | Tensor = "blur",
+    deletion_canvas: str | float | Tensor = 0.0, normalize: bool = True, batch_size: int = 64,
+    blur_size: int | None = None, blur_sigma: float | None = None,
+) -> list[FidelityCurves]:
+    """Insertion and deletion curves of several maps of one image (Petsiuk et al. 2018, RISE).
+
+    The protocol of Petsiuk et al.'s ``evaluation.py``, which the paper's Table J.18 follows.
+    Pixels are ranked by each map (decreasing saliency, ties in raster order). **Insertion**
+    starts from ``insertion_canvas`` (default: their blur of the image, :func:`petsiuk_blur`) and
+    puts the image's pixels back, most salient first; **deletion** starts from the image and
+    replaces its pixels, most salient first, by ``deletion_canvas`` (default: the constant 0).
+    (The paper's text says deletion goes in *increasing* order of importance; the standard
+    protocol, and the paper's own reading that lower is better, is decreasing, which is used here.)
+    A pixel is all its channels. At ``steps + 1`` equally spaced pixel counts
+    ``round(k * H * W / steps)``, both ends included, the model's softmax probability of
+    ``target`` is recorded; the area under each curve is the trapezoid rule over the fraction of
+    pixels (Petsiuk's ``auc``). At fraction 0 the insertion image is exactly the canvas and the
+    deletion image the image; at fraction 1 the reverse.
+
+    Parameters
+    ----------
+    model
+        Classifier returning logits ``[N, K]``; run in eval mode without gradients, its flags
+        restored. The images go to the model's device.
+    image
+        ``[C, H, W]`` (or ``[1, C, H, W]``) float tensor.
+    maps
+        ``[M, H, W]`` 2-D saliency maps (e.g. a channel aggregation, :func:`aggregate`).
+    target
+        Class whose probability is tracked; default the model's prediction on ``image`` (the
+        protocol's "predicted class").
+    steps
+        Number of intervals (1 to ``H * W``); default ``H``: Petsiuk's 224 pixels (one row) per
+        step at 224 x 224.
+    insertion_canvas, deletion_canvas
+        ``"blur"``, ``"zero"``, a number (a constant image) or a tensor broadcasting to
+        ``[C, H, W]``.
+    normalize
+        Divide the curves (and ``insertion_auc``/``deletion_auc``) by the probability on the full
+        image, the paper's normalisation. The unnormalised and normalised areas are returned
+        either way (:class:`FidelityCurves`).
+    batch_size
+        Images per forward pass.
+    blur_size, blur_sigma
+        The blur kernel's side and sigma in pixels; default Petsiuk's scaled to the image
+        (:func:`petsiuk_blur_parameters`).
+
+    Returns
+    -------
+    list of FidelityCurves
+        One per map, in order.
+
+    Raises
+    ------
+    ValueError
+        Bad shapes, non-finite values, ``steps`` or ``batch_size`` out of range, an unknown
+        canvas, a target out of range, or ``normalize`` with a full-image probability of 0.
+    """
+    x, maps = _check_curve_image(image, maps, "maps")
+    if maps.dim() != 3 or maps.shape[1:] != x.shape[1:] or maps.shape[0] == 0:
+        raise ValueError(f"maps must be [M, H, W] with M >= 1 and [H, W] the image's "
+                         f"{tuple(x.shape[1:])}, got {tuple(maps.shape)}")
+    return _curves(model, x, maps, target, steps, insertion_canvas, deletion_canvas, normalize,
+                   batch_size, blur_size, blur_sigma)
+
+
+def _curves(model: nn.Module, x: Tensor, maps: Tensor, target: int | None, steps: int | None,
+            insertion_canvas: Any, deletion_canvas: Any, normalize: bool, batch_size: int,
+            blur_size: int | None, blur_sigma: float | None) -> list[FidelityCurves]:
+    """The work of :func:`insertion_deletion_batch`, after the shape checks."""
+    if not torch.isfinite(maps).all() or not torch.isfinite(x).all():
         raise ValueError("image and saliency map must be finite")
-    hw = s.numel()
+    hw = x.shape[1] * x.shape[2]
+    steps = x.shape[1] if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= hw:
         raise ValueError(f"steps must be an int in 1..{hw} (pixels), got {steps!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}; allowed: {', '.join(BASELINES)}")
-    if isinstance(target, bool) or not isinstance(target, int | np.integer):
+    if target is not None and (isinstance(target, bool)
+                               or not isinstance(target, int | np.integer)):
         raise ValueError(f"target must be an int, got {target!r}")
     device = device_of(model, x.device)
     x = x.detach().to(device)
-    if baseline == "zero":
-        base = torch.zeros_like(x)
-    else:
-        sigma = max(1.0, min(x.shape[1:]) / 45) if blur_sigma is None else float(blur_sigma)
-        if sigma <= 0:
-            raise ValueError(f"blur_sigma must be > 0, got {blur_sigma}")
-        base = _blur(x, sigma)
-    order = torch.argsort(s.detach().flatten().to(x.device), descending=True, stable=True)
+    canvases = (_canvas(insertion_canvas, x, "insertion", blur_size, blur_sigma),
+                _canvas(deletion_canvas, x, "deletion", blur_size, blur_sigma))
+    m, points = maps.shape[0], steps + 1
+    order = torch.argsort(maps.detach().to(device).flatten(1), dim=1, descending=True,
+                          stable=True)
     rank = torch.empty_like(order)
-    rank[order] = torch.arange(hw, device=x.device)
-    rank = rank.view(1, 1, *s.shape)
-    counts = torch.round(torch.arange(steps + 1, device=x.device) * hw / steps).long()
+    rank.scatter_(1, order, torch.arange(hw, device=device).expand(m, hw))
+    rank = rank.view(m, 1, *x.shape[1:])
+    counts = torch.round(torch.arange(points, device=device) * hw / steps).long()
 
     probs: list[Tensor] = []
+    total = m * 2 * points
     with eval_mode(model), torch.no_grad():
         logits = model(x[None])
-        if logits.dim() != 2 or not 0 <= int(target) < logits.shape[1]:
+        if logits.dim() != 2:
+            raise ValueError(f"the model must return logits [N, K], got {tuple(logits.shape)}")
+        target = int(logits[0].argmax()) if target is None else int(target)
+        if not 0 <= target < logits.shape[1]:
             raise ValueError(f"target {target} out of range for logits of shape "
                              f"{tuple(logits.shape)}")
-        full = float(F.softmax(logits.double(), 1)[0, int(target)])
-        for start in range(0, 2 * (steps + 1), batch_size):
-            idx = torch.arange(start, min(start + batch_size, 2 * (steps + 1)), device=x.device)
-            revealed = rank < counts[idx % (steps + 1)].view(-1, 1, 1, 1)
-            insert = idx < steps + 1
-            keep_image = torch.where(insert.view(-1, 1, 1, 1), revealed, ~revealed)
-            batch = torch.where(keep_image, x[None], base[None])
-            probs.append(F.softmax(model(batch).double(), 1)[:, int(target)])
-    p = torch.cat(probs).cpu()
-    ins, dele = p[:steps + 1], p[steps + 1:]
-    if normalize:
-        if full <= 0:
-            raise ValueError("the model gives the target probability 0 on the full image; "
-                             "cannot normalise (use normalize=False)")
-        ins, dele = ins / full, dele / full
+        full = float(F.softmax(logits.double(), 1)[0, target])
+        for start in range(0, total, batch_size):
+            idx = torch.arange(start, min(start + batch_size, total), device=device)
+            which, k = idx // (2 * points), idx % points
+            insert = (idx % (2 * points)) < points
+            revealed = rank[which] < counts[k].view(-1, 1, 1, 1)
+            batch = torch.where(insert.view(-1, 1, 1, 1),
+                                torch.where(revealed, x[None], canvases[0][None]),
+                                torch.where(revealed, canvases[1][None], x[None]))
+            probs.append(F.softmax(model(batch).double(), 1)[:, target])
+    if normalize and full <= 0:
+        raise ValueError("the model gives the target probability 0 on the full image; "
+                         "cannot normalise (use normalize=False)")
+    p = torch.cat(probs).cpu().view(m, 2, points)
     fractions = counts.cpu().double() / hw
-    return FidelityCurves(fractions, ins, dele, full, float(torch.trapezoid(ins, fractions)),
-                          float(torch.trapezoid(dele, fractions)))
+    out = []
+    for ins, dele in p:
+        areas = (float(torch.trapezoid(ins, fractions)), float(torch.trapezoid(dele, fractions)))
+        scaled = [a / full if full > 0 else math.nan for a in areas]
+        curves = (ins / full, dele / full) if normalize else (ins, dele)
+        shown = scaled if normalize else areas
+        out.append(FidelityCurves(fractions, *curves, full, *shown, target, *areas, *scaled))
+    return out
+
+
+def insertion_deletion_curves(
+    model: nn.Module, image: Tensor, saliency_2d: Tensor, target: int | None = None,
+    steps: int | None = None, baseline: str | None = None, normalize: bool = True,
+    batch_size: int = 64, blur_sigma: float | None = None, *,
+    insertion_canvas: str | float | Tensor | None = None,
+    deletion_canvas: str | float | Tensor | None = None, blur_size: int | None = None,
+) -> FidelityCurves:
+    """Insertion and deletion curves of one map (Petsiuk et al. 2018; the paper's Table J.18).
+
+    :func:`insertion_deletion_batch` for one map ``saliency_2d`` ``[H, W]`` (or ``[1, H, W]``);
+    see there for the protocol and the parameters. By default insertion starts from Petsiuk's
+    blur and deletion ends at 0, and ``target`` is the model's prediction.
+
+    ``baseline`` (``"zero"`` or ``"blur"``, the earlier interface) sets both canvases at once;
+    ``insertion_canvas`` / ``deletion_canvas`` given explicitly win over it.
+    """
+    x, s = _check_curve_image(image, saliency_2d, "saliency_2d")
+    s = s[0] if s.dim() == 3 and s.shape[0] == 1 else s
+    if s.shape != x.shape[1:]:
+        raise ValueError(f"saliency map shape {tuple(saliency_2d.shape)} does not match the "
+                         f"image's {tuple(x.shape[1:])}")
+    if baseline is not None and baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; allowed: {', '.join(BASELINES)}")
+    if insertion_canvas is None:
+        insertion_canvas = "blur" if baseline is None else baseline
+    if deletion_canvas is None:
+        deletion_canvas = 0.0 if baseline is None else baseline
+    return _curves(model, x, s[None], target, steps, insertion_canvas, deletion_canvas,
+                   normalize, batch_size, blur_size, blur_sigma)[0]
 
 
 def insertion_deletion(
-    model: nn.Module, image: Tensor, saliency_2d: Tensor, target: int, steps: int = 32,
-    baseline: str = "zero", normalize: bool = True, batch_size: int = 64,
-    blur_sigma: float | None = None,
+    model: nn.Module, image: Tensor, saliency_2d: Tensor, target: int | None = None,
+    steps: int | None = None, baseline: str | None = None, normalize: bool = True,
+    batch_size: int = 64, blur_sigma: float | None = None, **canvases: Any,
 ) -> tuple[float, float]:
-    """``(insertion_auc, deletion_auc)`` of one map; see :func:`insertion_deletion_curves`.
+    """``(insertion_auc, deletion_auc)`` of one map; see :func:`insertion_deletion_curves`
+    (``**canvases``: its keyword-only ``insertion_canvas``, ``deletion_canvas``, ``blur_size``).
 
-    Higher insertion and lower deletion are better.
+    Higher insertion and lower deletion are better; normalised by the full image's probability
+    unless ``normalize=False``.
     """
     curves = insertion_deletion_curves(model, image, saliency_2d, target, steps=steps,
                                        baseline=baseline, normalize=normalize,
-                                       batch_size=batch_size, blur_sigma=blur_sigma)
+                                       batch_size=batch_size, blur_sigma=blur_sigma, **canvases)
     return curves.insertion_auc, curves.deletion_auc
