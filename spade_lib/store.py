@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +58,16 @@ class ResultStore:
     file in the same folder, flushed to disk and renamed into place (``os.replace``), so a file
     that exists is complete and a killed writer leaves at most an ignored ``.tmp`` file. Writers
     of different samples never touch the same file, so several processes may share a store.
-    ``meta.json`` records what produced the rows.
+    ``meta.json`` records what produced the rows. By default the rows are those of the runner
+    (:data:`COLUMNS`, :func:`typed_rows`); another table passes its own ``typer`` (fixing the
+    dtypes of a frame read back) and ``columns`` (of an empty read).
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike,
+                 typer: Callable[[pd.DataFrame], pd.DataFrame] = typed_rows,
+                 columns: Sequence[str] = COLUMNS) -> None:
         self.path = Path(path)
+        self.typer, self.columns = typer, tuple(columns)
 
     def __repr__(self) -> str:
         return f"ResultStore({str(self.path)!r})"
@@ -105,9 +110,9 @@ class ResultStore:
         if missing:
             raise ValueError(f"store {str(self.path)!r} has no results for samples {missing}")
         if not ids:
-            return typed_rows(pd.DataFrame({c: [] for c in COLUMNS}))
+            return self.typer(pd.DataFrame({c: [] for c in self.columns}))
         frames = [pd.read_parquet(self.file(s)) for s in ids]
-        return typed_rows(pd.concat(frames, ignore_index=True))
+        return self.typer(pd.concat(frames, ignore_index=True))
 
     def write_meta(self, meta: Mapping[str, Any]) -> None:
         """Save ``meta.json`` (atomically)."""
