@@ -46,7 +46,7 @@ __all__ = [
     "AREAS", "COLUMNS", "DEFAULT_SAMPLES", "KINDS", "LABELS", "METRICS", "PAPER_J18",
     "PAPER_J18_GAIN", "SPARSE_FC", "VARIANTS", "CleanImages", "Protocol", "claim_sentence",
     "claim_verdict", "clean_images", "default_count", "differences", "evaluate", "mean_curves",
-    "plot_curves", "run_key", "sample_rows", "summary", "table_j18", "typed_rows",
+    "plot_curves", "run_key", "sample_rows", "summary", "table_j18", "timings", "typed_rows",
 ]
 
 SPARSE_FC = "sparse_fc"
@@ -68,9 +68,10 @@ AREAS = ("insertion", "deletion", "insertion_normalised", "deletion_normalised")
 """Area columns of the rows: unnormalised (probability x fraction, in [0, 1]) and divided by the
 dense model's probability of the explained class on the full image (the paper's)."""
 
-DEFAULT_SAMPLES = 6
-"""Samples of each kind the chapter explains by default (capped by the preset's ``samples``):
-all ten methods x three variants on the 2-core machine in about five minutes at ``cpu``."""
+DEFAULT_SAMPLES = {"smoke": 1, "cpu": 6}
+"""Samples of each kind the chapter explains by default, per preset (others: the preset's
+``samples``): at ``cpu``, all ten methods x three variants fit in about five minutes on the
+2-core machine; at ``smoke`` the chapter runs in seconds."""
 
 COLUMNS = (
     "sample", "kind", "rule_name", "label", "explained", "method", "variant", "aggregation",
@@ -157,11 +158,11 @@ def clean_images(cfg: Config, model: nn.Module, n: int) -> CleanImages:
 
 
 def default_count(cfg: Config, samples: int | None = None) -> int:
-    """The chapter's number of samples of each kind: ``samples`` if given, else
-    :data:`DEFAULT_SAMPLES` capped by the preset's ``samples``."""
+    """The chapter's number of samples of each kind: ``samples`` if given, else the preset's
+    entry of :data:`DEFAULT_SAMPLES` (capped by its ``samples``), else its ``samples``."""
     if samples is not None:
         return check_positive_int(samples, "samples")
-    return min(DEFAULT_SAMPLES, cfg.samples)
+    return min(DEFAULT_SAMPLES.get(cfg.name, cfg.samples), cfg.samples)
 
 
 @dataclass(frozen=True)
@@ -646,6 +647,21 @@ def table_j18(rows: pd.DataFrame, normalised: bool = True, aggregation: str = "b
     return out.style.set_caption(f"{n} samples; {what}, in %; mean +- standard error; {rule}")
 
 
+def timings(rows: pd.DataFrame) -> pd.DataFrame:
+    """Seconds per map (mean over samples) of each method (rows) and variant (columns), plus the
+    mean trace time per sample of each variant (row ``trace``) and the sample count (``n``)."""
+    per_map = rows.drop_duplicates(["sample", "method", "variant"])
+    table = per_map.pivot_table(index="method", columns="variant", values="attribution_seconds",
+                                aggfunc="mean", sort=False)
+    traces = per_map.drop_duplicates(["sample", "variant"]).groupby("variant", sort=False)
+    table.loc["trace"] = traces["trace_seconds"].mean()
+    table = table.rename(columns=LABELS)
+    table["n"] = per_map.groupby("method", sort=False)["sample"].nunique().reindex(
+        table.index).fillna(per_map["sample"].nunique()).astype(int)
+    table.columns.name = None
+    return table
+
+
 def _cell(value: float, se: float) -> str:
     if math.isnan(value):
         return "n/a"
@@ -671,46 +687,56 @@ def claim_verdict(delta: float, se: float, direction: float) -> str:
 
 def claim_sentence(rows: pd.DataFrame, what: str = "the Trojan samples",
                    normalised: bool = True, aggregation: str = "best") -> str:
-    """The paper's claim of Appendix J and the verdict on it, computed from ``rows``.
+    """The paper's claim of Appendix J and the verdict on it, computed from ``rows`` (Markdown).
 
-    The claim: with SPADE the maps have higher insertion and lower deletion on the dense model
-    than the dense maps (average gain :data:`PAPER_J18_GAIN` in insertion, for 9 of 10 methods),
-    while Sparse FC stays with dense. Each part is judged on the ``Average`` row's paired
-    difference at one standard error (:func:`claim_verdict`).
+    The claim: SPADE's maps have a higher insertion and a lower deletion area on the dense model
+    than the dense model's own maps (the text: an average insertion gain of
+    :data:`PAPER_J18_GAIN`, for 9 of 10 methods) and than Sparse FC's, while Sparse FC stays about
+    level with dense. Each comparison is judged on the ``Average`` row's paired difference at one
+    standard error (:func:`claim_verdict`): for SPADE whether the claim holds, for Sparse FC
+    against dense whether it is better, worse or level within one standard error.
     """
-    methods = [m for m in dict.fromkeys(rows["method"])]
+    n_methods = rows["method"].nunique()
     paper = PAPER_J18.loc["Average"]
-    parts = [
-        f"The paper (ImageNet, ResNet-50) reports SPADE raising the average normalised insertion "
-        f"from {paper[('insertion', 'dense')]:.2f} to {paper[('insertion', 'spade')]:.2f} "
-        f"(its text: +{PAPER_J18_GAIN:.2f}) and lowering deletion from "
-        f"{paper[('deletion', 'dense')]:.2f} to {paper[('deletion', 'spade')]:.2f}, for 9 of 10 "
-        f"methods, with Sparse FC at {paper[('insertion', SPARSE_FC)]:.2f} / "
-        f"{paper[('deletion', SPARSE_FC)]:.2f}, about dense. The paper's text says deletion "
-        "removes pixels in *increasing* order of importance; its claim that lower is better only "
-        "holds for the standard, decreasing order, which is used here."]
+    lines = [
+        f"**The paper** (ResNet-50, ImageNet, normalised areas): SPADE raises the average "
+        f"insertion from {paper[('insertion', 'dense')]:.2f} (dense) to "
+        f"{paper[('insertion', 'spade')]:.2f} (the text says +{PAPER_J18_GAIN:.2f}) and lowers "
+        f"deletion from {paper[('deletion', 'dense')]:.2f} to {paper[('deletion', 'spade')]:.2f}, "
+        f"for 9 of 10 methods; Sparse FC stays level with dense "
+        f"({paper[('insertion', SPARSE_FC)]:.2f} / {paper[('deletion', SPARSE_FC)]:.2f}).",
+        "", f"**Here, on {what}** (paired differences of the average over methods, +- one "
+        "standard error, in points):", ""]
     variants = set(rows["variant"])
-    pairs = [("spade", "dense", "SPADE", "dense")]
-    if SPARSE_FC in variants:
-        pairs += [(SPARSE_FC, "dense", "Sparse FC", "dense"),
-                  ("spade", SPARSE_FC, "SPADE", "Sparse FC")]
-    for variant, baseline, label, base_label in pairs:
-        if not {variant, baseline} <= variants:
-            continue
+    pairs = [(v, b) for v, b in (("spade", "dense"), ("spade", SPARSE_FC), (SPARSE_FC, "dense"))
+             if {v, b} <= variants]
+    for variant, baseline in pairs:
         d = differences(rows, variant, baseline, normalised, aggregation).set_index(
             ["metric", "method"])
         bits = []
         for metric, direction in (("insertion", 1.0), ("deletion", -1.0)):
             avg = d.loc[(metric, "Average")]
-            verdict = claim_verdict(float(avg["delta"]), float(avg["se"]), direction)
-            per = d.loc[metric].drop("Average")
-            helped = int((direction * per["delta"] > 0).sum())
-            bits.append(f"{metric} {avg['delta']:+.1f} +- {avg['se']:.1f} points "
-                        f"({'higher' if direction > 0 else 'lower'} is better: "
-                        f"**{verdict}**; better for {helped} of {len(methods)} methods)")
-        parts.append(f"On {what} ({int(d.loc[('insertion', 'Average'), 'n'])} samples scored "
-                     f"by every method), {label} against {base_label}: " + "; ".join(bits) + ".")
-    return " ".join(parts)
+            delta, se = float(avg["delta"]), float(avg["se"])
+            verdict = claim_verdict(delta, se, direction)
+            helped = int((direction * d.loc[metric].drop("Average")["delta"] > 0).sum())
+            if verdict == "not comparable":
+                bits.append(f"{metric}: not comparable (no sample has a score from every method "
+                            "on both networks)")
+                continue
+            if variant == "spade":
+                word = f"the claim **{verdict}**"
+            else:
+                word = {"holds": "**better** than dense", "fails": "**worse** than dense",
+                        "inconclusive": "**level with dense** within one standard error"}[verdict]
+            bits.append(f"{metric} {delta:+.1f} +- {se:.1f}: {word} ({helped} of {n_methods} "
+                        f"methods better)")
+        n = int(d.loc[("insertion", "Average"), "n"])
+        lines.append(f"* {LABELS[variant]} against {LABELS[baseline]} ({n} "
+                     f"sample{'s' if n != 1 else ''}): " + "; ".join(bits) + ".")
+    lines += ["", "Higher insertion and lower deletion are better. The paper's text has deletion "
+              "remove pixels in *increasing* order of importance, which contradicts its reading "
+              "that lower is better; the decreasing order of the standard protocol is used here."]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------

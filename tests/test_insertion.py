@@ -84,6 +84,9 @@ def test_rows_equal_a_direct_computation_on_the_dense_model(cfg, model, samples,
 def test_store_resumes_and_key_follows_the_protocol(cfg, model, samples, stand_in) -> None:
     first = _run(cfg, model, samples, stand_in, store=True)
     key = first["config_hash"][0]
+    cost = insertion.timings(first)
+    assert cost.loc["trace", "Dense"] == 0 < cost.loc["trace", "SPADE"]
+    assert cost["n"].tolist() == [2, 2] and cost.loc["Saliency"].gt(0).all()
     store = results.ResultStore(cfg.cache_path("results", key))
     assert store.done() == {3, 500} and store.read_meta()["protocol"]["steps"] == 32
     store.file(500).unlink()
@@ -202,9 +205,12 @@ def test_summary_differences_and_verdict_by_hand() -> None:
     assert insertion.claim_verdict(0.04, 0.05, 1.0) == "inconclusive"
     assert insertion.claim_verdict(math.nan, 0.05, 1.0) == "not comparable"
     sentence = insertion.claim_sentence(rows)
-    gain = f"{100 * per_sample.mean():.1f} +- {100 * se:.1f} points"
-    assert f"insertion +{gain} (higher is better: **holds**; better for 2 of 2" in sentence
-    assert f"deletion -{gain} (lower is better: **holds**; better for 2 of 2" in sentence
+    gain = f"{100 * per_sample.mean():.1f} +- {100 * se:.1f}"
+    assert f"insertion +{gain}: the claim **holds** (2 of 2 methods better)" in sentence
+    assert f"deletion -{gain}: the claim **holds** (2 of 2 methods better)" in sentence
+    level = insertion.claim_sentence(rows.assign(variant=rows["variant"].replace(
+        {"spade": "sparse_fc"})))
+    assert "Sparse FC against Dense (3 samples): insertion" in level and "**better** than" in level
     assert "Sparse FC" in sentence and "87.74" in sentence  # the paper's numbers, quoted
     fixed = insertion.summary(rows, aggregation="abs", percent=False).set_index(
         ["metric", "method", "variant"])
