@@ -45,7 +45,8 @@ from spade_lib.trace import trace
 __all__ = [
     "AREAS", "COLUMNS", "DEFAULT_SAMPLES", "KINDS", "LABELS", "METRICS", "PAPER_J18",
     "PAPER_J18_GAIN", "SPARSE_FC", "VARIANTS", "CleanImages", "Protocol", "claim_sentence",
-    "claim_verdict", "clean_images", "default_count", "differences", "evaluate", "mean_curves",
+    "claim_verdict", "clean_images", "default_count", "differences", "endpoints",
+    "endpoints_sentence", "evaluate", "mean_curves",
     "plot_curves", "run_key", "sample_rows", "summary", "table_j18", "timings", "typed_rows",
 ]
 
@@ -647,6 +648,27 @@ def table_j18(rows: pd.DataFrame, normalised: bool = True, aggregation: str = "b
     return out.style.set_caption(f"{n} samples; {what}, in %; mean +- standard error; {rule}")
 
 
+def endpoints(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per sample, the dense model's probability of the explained class on the full image
+    (``full``), on the insertion canvas (``canvas``: the blurred image, where every insertion curve
+    starts) and on the deletion canvas (``constant``: where every deletion curve ends)."""
+    first = rows.drop_duplicates("sample").set_index("sample")
+    return pd.DataFrame({"full": first["full_probability"],
+                         "canvas": [c[0] for c in first["insertion_curve"]],
+                         "constant": [c[-1] for c in first["deletion_curve"]]})
+
+
+def endpoints_sentence(rows: pd.DataFrame, what: str = "the Trojan samples") -> str:
+    """How much room the curves have: the mean probabilities of :func:`endpoints`. An insertion
+    curve runs from the blurred canvas's probability to the full image's, so a canvas that
+    already convinces the model leaves insertion no room to tell maps apart."""
+    e = endpoints(rows).mean()
+    return (f"On {what} the dense model gives its predicted class a mean probability of "
+            f"{e['full']:.3f} on the full image, {e['canvas']:.3f} on the blurred image (where "
+            f"insertion starts: {100 * e['canvas'] / e['full']:.0f}% of the full image's) and "
+            f"{e['constant']:.3f} on the constant image (where deletion ends).")
+
+
 def timings(rows: pd.DataFrame) -> pd.DataFrame:
     """Seconds per map (mean over samples) of each method (rows) and variant (columns), plus the
     mean trace time per sample of each variant (row ``trace``) and the sample count (``n``)."""
@@ -665,7 +687,7 @@ def timings(rows: pd.DataFrame) -> pd.DataFrame:
 def _cell(value: float, se: float) -> str:
     if math.isnan(value):
         return "n/a"
-    return f"{value:.1f} +- {se:.1f}" if not math.isnan(se) else f"{value:.1f}"
+    return f"{value:.2f} +- {se:.2f}" if not math.isnan(se) else f"{value:.2f}"
 
 
 def claim_verdict(delta: float, se: float, direction: float) -> str:
@@ -693,8 +715,9 @@ def claim_sentence(rows: pd.DataFrame, what: str = "the Trojan samples",
     than the dense model's own maps (the text: an average insertion gain of
     :data:`PAPER_J18_GAIN`, for 9 of 10 methods) and than Sparse FC's, while Sparse FC stays about
     level with dense. Each comparison is judged on the ``Average`` row's paired difference at one
-    standard error (:func:`claim_verdict`): for SPADE whether the claim holds, for Sparse FC
-    against dense whether it is better, worse or level within one standard error.
+    standard error (:func:`claim_verdict`): for SPADE whether the claimed direction holds, for
+    Sparse FC against dense whether it is better, worse or level within one standard error. The
+    paper's own difference of averages is printed beside each, for the size.
     """
     n_methods = rows["method"].nunique()
     paper = PAPER_J18.loc["Average"]
@@ -724,12 +747,13 @@ def claim_sentence(rows: pd.DataFrame, what: str = "the Trojan samples",
                             "on both networks)")
                 continue
             if variant == "spade":
-                word = f"the claim **{verdict}**"
+                word = f"the claimed direction **{verdict}**"
             else:
                 word = {"holds": "**better** than dense", "fails": "**worse** than dense",
                         "inconclusive": "**level with dense** within one standard error"}[verdict]
-            bits.append(f"{metric} {delta:+.1f} +- {se:.1f}: {word} ({helped} of {n_methods} "
-                        f"methods better)")
+            claimed = paper[(metric, variant)] - paper[(metric, baseline)]
+            bits.append(f"{metric} {delta:+.2f} +- {se:.2f} (paper {claimed:+.2f}): {word} "
+                        f"({helped} of {n_methods} methods better)")
         n = int(d.loc[("insertion", "Average"), "n"])
         lines.append(f"* {LABELS[variant]} against {LABELS[baseline]} ({n} "
                      f"sample{'s' if n != 1 else ''}): " + "; ".join(bits) + ".")
@@ -770,9 +794,10 @@ def mean_curves(rows: pd.DataFrame, method: str, metric: str = "insertion",
 
 
 def plot_curves(rows: pd.DataFrame, methods: Sequence[str], normalised: bool = True,
-                aggregation: str = "best") -> Any:
+                aggregation: str = "best", title: str | None = None) -> Any:
     """Mean insertion and deletion curves per variant for each of ``methods``: a grid of
-    matplotlib axes (rows: methods, columns: insertion, deletion). Returns the figure."""
+    matplotlib axes (rows: methods, columns: insertion, deletion), under ``title``. Returns the
+    figure."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(methods), 2, figsize=(8, 2.6 * len(methods)), squeeze=False)
@@ -786,5 +811,7 @@ def plot_curves(rows: pd.DataFrame, methods: Sequence[str], normalised: bool = T
             ax.set_xlabel(f"fraction of pixels {done}")
             ax.set_ylabel("p / p(full image)" if normalised else "probability")
     axes[0, 0].legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -77,6 +77,11 @@ def test_rows_equal_a_direct_computation_on_the_dense_model(cfg, model, samples,
                 np.testing.assert_allclose(got["insertion_curve"], want.insertion.numpy(),
                                            atol=1e-5)
                 assert len(got["deletion_curve"]) == 32 + 1
+        ends = insertion.endpoints(table).loc[s]
+        with torch.no_grad():
+            p = torch.softmax(model(torch.stack([image, metrics.petsiuk_blur(image),
+                                                 torch.zeros_like(image)])).double(), 1)
+        np.testing.assert_allclose(ends.to_numpy(), p[:, explained].numpy(), atol=1e-5)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -205,9 +210,11 @@ def test_summary_differences_and_verdict_by_hand() -> None:
     assert insertion.claim_verdict(0.04, 0.05, 1.0) == "inconclusive"
     assert insertion.claim_verdict(math.nan, 0.05, 1.0) == "not comparable"
     sentence = insertion.claim_sentence(rows)
-    gain = f"{100 * per_sample.mean():.1f} +- {100 * se:.1f}"
-    assert f"insertion +{gain}: the claim **holds** (2 of 2 methods better)" in sentence
-    assert f"deletion -{gain}: the claim **holds** (2 of 2 methods better)" in sentence
+    gain = f"{100 * per_sample.mean():.2f} +- {100 * se:.2f}"
+    assert (f"insertion +{gain} (paper +8.74): the claimed direction **holds** (2 of 2 methods "
+            "better)") in sentence
+    assert (f"deletion -{gain} (paper -1.12): the claimed direction **holds** (2 of 2 methods "
+            "better)") in sentence
     level = insertion.claim_sentence(rows.assign(variant=rows["variant"].replace(
         {"spade": "sparse_fc"})))
     assert "Sparse FC against Dense (3 samples): insertion" in level and "**better** than" in level
@@ -223,12 +230,12 @@ def test_table_j18_layout_and_paper_numbers() -> None:
     table = insertion.table_j18(_rows(values))
     frame = table.data
     assert list(frame.index) == ["Saliency", "Lime", "Average"]
-    assert frame.iloc[0, 0] == "85.0 +- 5.0"
+    assert frame.iloc[0, 0] == "85.00 +- 5.00"
     assert frame.loc["Average", ("Insertion (higher is better)", "paper: SPADE")] == "87.74"
     assert frame.loc["Lime", ("Deletion (lower is better)", "paper: Sparse FC")] == "5.32"
     assert "2 samples" in table.caption and "normalisation" in table.caption
     raw = insertion.table_j18(_rows(values), normalised=False).data
-    assert raw.shape[1] == 6 and raw.iloc[0, 0] == "42.5 +- 2.5"  # paper columns: normalised only
+    assert raw.shape[1] == 6 and raw.iloc[0, 0] == "42.50 +- 2.50"  # paper columns: normalised only
     # the transcription: each Average of the paper's table is the mean of its rows, to rounding
     paper = insertion.PAPER_J18
     np.testing.assert_allclose(paper.drop("Average").mean(), paper.loc["Average"], atol=0.01)
