@@ -168,13 +168,16 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
     dense.train()  # a user's model in training mode must come back in training mode
     cfg = config.load("smoke", cache_dir=str(tmp_path_factory.mktemp("cache")))
     before = fingerprint(dense)
+    rng = torch.get_rng_state()
     result = baselines.sparse_fc(cfg, dense, progress=False, **FAST)
-    return {"cfg": cfg, "dense": dense, "before": before, "result": result}
+    return {"cfg": cfg, "dense": dense, "before": before, "result": result,
+            "rng_kept": torch.equal(rng, torch.get_rng_state())}
 
 
 def test_dense_model_untouched(smoke: dict) -> None:
     dense, result = smoke["dense"], smoke["result"]
     assert fingerprint(dense) == smoke["before"]
+    assert smoke["rng_kept"]  # the caller's random numbers are not changed either
     assert all(m.training for m in dense.modules())
     assert result.model is not dense and not result.model.training
     assert dense.fc is not result.model.fc
