@@ -40,8 +40,9 @@ from spade_lib.config import Config
 from spade_lib.files import atomic_write
 from spade_lib.models import device_of, fingerprint
 
-__all__ = ["DATA_KEYS", "FIT_DEFAULTS", "SparseFC", "SparseFCCacheError", "final_linear",
-           "select_point", "sparse_fc"]
+__all__ = ["DATA_KEYS", "EVAL_BATCH", "FIT_DEFAULTS", "PATH_COLUMNS", "SparseFC",
+           "SparseFCCacheError", "cache_key", "final_linear", "fit_path", "select_point",
+           "sparse_fc"]
 
 CACHE_FORMAT = 1
 _CACHE_KEYS = ("format", "key", "head", "weight", "bias", "path", "chosen", "accuracy",
