@@ -446,7 +446,7 @@ def evaluate(
     target = open_store(cfg, store, key)
     if target is not None:
         target = ResultStore(target.path, typed_rows, COLUMNS)
-        results._check_meta(target, key, {
+        results.check_store_meta(target, key, {
             "key": key, "config": cfg.to_dict(), "kind": kind, "methods": methods,
             "variants": [v if isinstance(v, str) else v.describe() for v in chosen_variants],
             "networks": {name: fingerprint(net) for name, net in networks.items()},

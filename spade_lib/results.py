@@ -69,8 +69,8 @@ if TYPE_CHECKING:
 __all__ = [
     "BUILTIN_VARIANTS", "COLUMNS", "MERGED_METHODS", "MERGE_ATOL", "MIN_ACCURACY", "RESULT_KEYS",
     "SAMPLE_COLUMNS", "TRACE_BATCH", "ArchitectureRun", "DamagedResultWarning", "ResultStore",
-    "Samples", "Variant", "check_methods", "evaluate", "evaluation_samples", "isd_donor",
-    "merge_methods", "model_fingerprint", "other_architecture", "prediction_kept",
+    "Samples", "Variant", "check_methods", "check_store_meta", "evaluate", "evaluation_samples",
+    "isd_donor", "merge_methods", "model_fingerprint", "other_architecture", "prediction_kept",
     "resolve_variants", "results_key", "run_sample", "sample_maps", "sample_seed", "score_gap",
     "score_methods", "select_samples", "summary", "tuning_samples", "variant_network",
     "variant_table", "wins",
@@ -397,7 +397,7 @@ def evaluate(
                       [r.name for r in samples.poisoned.rules])
     target = open_store(cfg, store, key)
     if target is not None:
-        _check_meta(target, key, {
+        check_store_meta(target, key, {
             "key": key, "config": cfg.to_dict(), "methods": methods,
             "variants": [v.describe() for v in chosen], "method_options": method_options or {},
             "model": model_fingerprint(model), "numerics": reproducibility.settings()})
@@ -422,9 +422,25 @@ def evaluate(
     return _ordered(table, ids, methods, [v.name for v in chosen])
 
 
-def _check_meta(target: ResultStore, key: str, meta: dict[str, Any]) -> None:
-    """Refuse a store that holds another run's results; write ``meta`` into a store without
-    (or with a damaged) ``meta.json``."""
+def check_store_meta(target: ResultStore, key: str, meta: Mapping[str, Any]) -> None:
+    """Make sure ``target`` holds (or will hold) the results of run ``key`` only.
+
+    Parameters
+    ----------
+    target
+        The run's store.
+    key
+        The run's hash (e.g. :func:`results_key`); ``meta["key"]`` should be the same.
+    meta
+        The run's description, written as ``meta.json`` into a store without one (or with a
+        damaged one, which :meth:`~spade_lib.store.ResultStore.read_meta` reports); a store
+        whose ``meta.json`` names ``key`` is left as it is.
+
+    Raises
+    ------
+    ValueError
+        If ``target``'s ``meta.json`` names another run's key.
+    """
     saved = target.read_meta()
     if saved is not None and saved.get("key") != key:
         raise ValueError(f"store {str(target.path)!r} holds results of run "

@@ -164,6 +164,17 @@ def test_a_failed_write_leaves_no_file(cfg, model, samples, monkeypatch) -> None
     pd.testing.assert_frame_equal(store.read([3]), rows)
 
 
+def test_a_store_holds_one_run(tmp_path: Path) -> None:
+    store = results.ResultStore(tmp_path / "run")
+    results.check_store_meta(store, "abc", {"key": "abc", "x": 1})  # a new store: meta written
+    assert store.read_meta() == {"key": "abc", "x": 1}
+    results.check_store_meta(store, "abc", {"key": "abc", "x": 2})  # the same run's: kept as is
+    assert store.read_meta() == {"key": "abc", "x": 1}
+    with pytest.raises(ValueError, match="holds results of run 'abc', not 'def'"):
+        results.check_store_meta(store, "def", {"key": "def"})
+    assert store.read_meta() == {"key": "abc", "x": 1}
+
+
 def test_a_damaged_result_file_is_recomputed_not_read(cfg, model, samples,
                                                       monkeypatch) -> None:
     first = _run(cfg, model, samples, variants=("dense",))
