@@ -57,9 +57,11 @@ from spade_lib.trace import Trace
 __all__ = [
     "AGREEMENT_COLUMNS", "AGREEMENT_KINDS", "ALL_LAYERS", "GRADIENT_COLUMNS",
     "GRADIENT_NOISE_COLUMNS", "INPUT", "MASK_AGREEMENT_COLUMNS", "PAIR_COLUMNS",
-    "PAPER_GRADIENT_COSINE", "PAPER_MASK_AGREEMENT", "SMOOTHGRAD_NOISE", "agreement_pairs",
-    "agreement_summary", "agreement_verdicts", "gradient_noise", "gradient_noise_key",
-    "gradient_noise_rows", "gradient_noise_summary", "gradient_noise_verdict", "image_masks",
+    "MIN_PAIRS", "PAPER_COPIES", "PAPER_GRADIENT_COSINE", "PAPER_MASK_AGREEMENT",
+    "PAPER_MASK_SPARSITY", "SMOOTHGRAD_NOISE", "agreement_pairs", "agreement_summary",
+    "agreement_table", "agreement_verdicts", "default_pairs", "gradient_noise",
+    "gradient_noise_key", "gradient_noise_rows", "gradient_noise_summary",
+    "gradient_noise_table", "gradient_noise_verdict", "image_masks",
     "mask_agreement", "mask_agreement_rows", "mean_pairwise_cosine", "noisy_copies",
     "recorded_outputs", "select_pairs", "trace_masks", "weight_masks",
 ]
@@ -71,6 +73,15 @@ averaged over layers and 100 ImageNet images (ResNet-50), dense and through SPAD
 PAPER_MASK_AGREEMENT = (0.20, 0.60)
 """Appendix K: "masks between two samples agree between 20 and 60% of the time" (ResNet-50,
 ImageNet, 0.99 sparsity), highest in earlier layers and for the most similar images."""
+
+PAPER_COPIES = 100
+"""Appendix E: noisy copies per image."""
+
+PAPER_MASK_SPARSITY = 0.99
+"""Figure K.11: the sparsity of every layer in the traces whose masks are compared."""
+
+MIN_PAIRS = 50
+"""Pairs per kind for Figure K.11 when the preset affords it (:func:`default_pairs`)."""
 
 SMOOTHGRAD_NOISE = 0.1
 """Default noise level of :func:`gradient_noise`: the standard deviation as a fraction of the
@@ -213,7 +224,7 @@ def gradient_noise(
     image: Tensor,
     target: int,
     layers: Sequence[str] = (),
-    n_copies: int = 100,
+    n_copies: int = PAPER_COPIES,
     noise: float = SMOOTHGRAD_NOISE,
     seed: int = 0,
     batch_size: int = 100,
@@ -378,7 +389,7 @@ def gradient_noise_rows(
     cfg: Config,
     model: nn.Module,
     samples: Samples,
-    n_copies: int = 100,
+    n_copies: int = PAPER_COPIES,
     noise: float = SMOOTHGRAD_NOISE,
     store: bool = True,
     progress: bool = True,
@@ -481,6 +492,29 @@ def gradient_noise_summary(rows: pd.DataFrame) -> pd.DataFrame:
         drop=True)
 
 
+def gradient_noise_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Figure E.5 as a table: per layer (in order, then :data:`ALL_LAYERS`), the mean cosine of
+    dense and SPADE over samples with their standard deviations, and the mean of the per-sample
+    difference (SPADE minus dense) with its standard error over the ``n`` samples that have both.
+
+    Columns: ``dense``, ``dense_std``, ``spade``, ``spade_std``, ``delta``, ``se``, ``n``.
+    """
+    summary = gradient_noise_summary(rows)
+    per = rows.set_index(["sample", "layer", "variant"])["cosine"].unstack("variant")
+    whole = _layer_means(rows, ["sample"], "variant", "cosine").pivot(
+        index="sample", columns="variant", values="cosine")
+    out = []
+    for layer in dict.fromkeys(summary["layer"]):
+        pick = whole if layer == ALL_LAYERS else per.xs(layer, level="layer")
+        mine = summary[summary["layer"] == layer].set_index("variant")
+        diff = _spread(pick["spade"] - pick["dense"])
+        out.append({"layer": layer, "dense": mine.loc["dense", "mean"],
+                    "dense_std": mine.loc["dense", "std"], "spade": mine.loc["spade", "mean"],
+                    "spade_std": mine.loc["spade", "std"], "delta": diff["mean"],
+                    "se": diff["se"], "n": diff["n"]})
+    return pd.DataFrame(out).set_index("layer")
+
+
 def _need(rows: pd.DataFrame, columns: Sequence[str], source: str) -> None:
     if not isinstance(rows, pd.DataFrame):
         raise ValueError(f"expected the table of {source}, got {type(rows).__name__}")
@@ -507,7 +541,9 @@ def gradient_noise_verdict(rows: pd.DataFrame,
     -------
     dict
         ``dense``, ``spade``, ``delta``, ``se``, ``n``, ``verdict``, ``layers_higher``,
-        ``layers_lower``, ``layers``, ``paper_dense``, ``paper_spade``, ``sentence`` (Markdown).
+        ``layers_lower``, ``layers``, ``paper_dense``, ``paper_spade``, ``target_kept_dense``
+        and ``target_kept_spade`` (share of noisy copies still predicting the target; NaN
+        without that column), ``sentence`` (Markdown).
     """
     _need(rows, ("sample", "variant", "layer", "cosine"), "gradient_noise_rows()")
     variants = set(rows["variant"])
@@ -525,7 +561,10 @@ def gradient_noise_verdict(rows: pd.DataFrame,
         v = range_verdict(s["mean"], s["se"], 0.0, math.inf)
         higher += v == "holds"
         lower += v == "fails"
+    kept = rows.drop_duplicates(["sample", "variant"]).groupby("variant")["target_kept"].mean() \
+        if "target_kept" in rows else pd.Series(math.nan, index=["dense", "spade"])
     out = {"dense": float(means["dense"].mean()), "spade": float(means["spade"].mean()),
+           "target_kept_dense": float(kept["dense"]), "target_kept_spade": float(kept["spade"]),
            "delta": total["mean"], "se": total["se"], "n": total["n"], "verdict": verdict,
            "layers_higher": int(higher), "layers_lower": int(lower),
            "layers": int(diff["layer"].nunique()), "paper_dense": float(paper["dense"]),
@@ -545,8 +584,12 @@ def _gradient_sentence(v: Mapping[str, Any]) -> str:
         "inconclusive": "one standard error reaches across zero: **inconclusive**",
         "not comparable": "no sample has a cosine at every layer: **not comparable**",
     }[v["verdict"]]
-    return (f"{start}; {meaning}. Per layer, SPADE is higher beyond one standard error at "
+    text = (f"{start}; {meaning}. Per layer, SPADE is higher beyond one standard error at "
             f"{v['layers_higher']} of {v['layers']} layers and lower at {v['layers_lower']}.")
+    if not math.isnan(v["target_kept_dense"]):
+        text += (f" The noisy copies keep the target prediction {v['target_kept_dense']:.0%} of "
+                 f"the time on the dense model and {v['target_kept_spade']:.0%} through SPADE.")
+    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -809,7 +852,7 @@ def _load_masks(path: Any) -> tuple[dict[str, Tensor], dict[str, bool]]:
 
 
 def image_masks(cfg: Config, model: nn.Module, samples: Samples, source: str, index: int,
-                sparsity: schedules.SparsitySpec = 0.99,
+                sparsity: schedules.SparsitySpec = PAPER_MASK_SPARSITY,
                 store: bool = True) -> tuple[dict[str, Tensor], dict[str, bool]]:
     """The SPADE masks (:func:`trace_masks`) of one image of a pair, cached.
 
@@ -868,7 +911,7 @@ def image_masks(cfg: Config, model: nn.Module, samples: Samples, source: str, in
 
 
 def mask_agreement_rows(cfg: Config, model: nn.Module, samples: Samples, pairs: pd.DataFrame,
-                        sparsity: schedules.SparsitySpec = 0.99, store: bool = True,
+                        sparsity: schedules.SparsitySpec = PAPER_MASK_SPARSITY, store: bool = True,
                         progress: bool = True) -> pd.DataFrame:
     """Figure K.11's numbers: :func:`mask_agreement` of every pair (each image traced once,
     :func:`image_masks`), with the dense model's zero weights per layer beside them.
@@ -934,6 +977,34 @@ def agreement_summary(rows: pd.DataFrame) -> pd.DataFrame:
     rank = out["kind"].map(order).fillna(len(order))
     return out.assign(_rank=rank).sort_values(["_rank", "position"], kind="stable").drop(
         columns="_rank").reset_index(drop=True)
+
+
+def agreement_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Figure K.11 as a table: per layer (in order, then :data:`ALL_LAYERS`), the mean agreement
+    and its standard error for each kind, the chance line, the kept share and the pairs with the
+    layer off its target, all from :func:`agreement_summary`.
+
+    Columns are two-level: ``("mean", kind)`` and ``("se", kind)`` for each kind of
+    :data:`AGREEMENT_KINDS` present, then ``("chance", "")``, ``("kept", "")``, ``("flagged", "")``
+    (the chance line and kept share averaged over every pair, the flags summed).
+    """
+    summary = agreement_summary(rows)
+    kinds = [k for k in AGREEMENT_KINDS if k in set(summary["kind"])]
+    layers = list(dict.fromkeys(summary.sort_values("position", kind="stable")["layer"]))
+    wide = summary.pivot(index="layer", columns="kind").reindex(layers)
+    out = pd.concat({"mean": wide["mean"][kinds], "se": wide["se"][kinds]}, axis=1)
+    n = summary.pivot(index="layer", columns="kind", values="n").reindex(layers)[kinds]
+    for stat in ("chance", "kept"):
+        out[(stat, "")] = (wide[stat][kinds] * n).sum(axis=1) / n.sum(axis=1)
+    out[("flagged", "")] = wide["flagged"][kinds].sum(axis=1).astype(int)
+    out.index.name = "layer"
+    return out
+
+
+def default_pairs(cfg: Config) -> int:
+    """Pairs per kind for the preset: :data:`MIN_PAIRS`, or half the preset's ``samples`` where
+    that is fewer (the ``smoke`` preset: 2), at least 2."""
+    return max(2, min(MIN_PAIRS, cfg.samples // 2))
 
 
 def agreement_verdicts(rows: pd.DataFrame,

@@ -377,6 +377,12 @@ def test_gradient_noise_verdict_follows_the_paired_differences():
     assert fidelity.gradient_noise_verdict(nan)["verdict"] == "inconclusive"   # one sample
     table = fidelity.gradient_noise_summary(nan).set_index(["layer", "variant"])
     assert table.loc[("a", "spade"), "n"] == 1 and table.loc[("a", "spade"), "n_nan"] == 1
+    wide = fidelity.gradient_noise_table(_cosines([0.1, 0.12, 0.08]))
+    assert list(wide.index) == ["input", "a", fidelity.ALL_LAYERS]
+    assert wide.loc["a", "spade"] - wide.loc["a", "dense"] == pytest.approx(0.1)
+    assert wide.loc["a", "dense_std"] == pytest.approx(0.01)
+    assert wide["delta"].to_numpy() == pytest.approx([0.1] * 3)
+    assert wide["se"].to_numpy() == pytest.approx([0.02 / math.sqrt(3)] * 3)
 
 
 def _agreements(levels: dict[str, list[float]], n_pairs: int = 4) -> pd.DataFrame:
@@ -410,3 +416,9 @@ def test_agreement_verdicts_hand_case():
     assert last.to_dict() == pytest.approx({"random": 0.2, "same Trojan": 0.3,
                                             "same Trojan and class": 0.5})
     assert (summary["chance"] == 0.01).all() and (summary["kept"] == 0.01).all()
+    wide = fidelity.agreement_table(rows)
+    assert list(wide.index) == ["l0", "l1", "l2", fidelity.ALL_LAYERS]
+    assert wide[("mean", "same Trojan")].to_numpy() == pytest.approx([0.4, 0.3, 0.2, 0.3])
+    # the wobbles are -1.5, -0.5, 0.5, 1.5 hundredths: std 0.01 sqrt(5/3), se std / 2
+    assert wide[("se", "random")].iloc[0] == pytest.approx(0.01 * math.sqrt(5 / 3) / 2)
+    assert (wide[("chance", "")] == 0.01).all() and (wide[("flagged", "")] == 0).all()
