@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from spade_lib import pruning, schedules
+from spade_lib import pruning, reproducibility, schedules
 from spade_lib.checks import check_image, check_positive_int
 from spade_lib.config import Config
 from spade_lib.files import atomic_write
@@ -431,6 +431,10 @@ def gradient_noise_rows(
     key = gradient_noise_key(cfg, model, n_copies, noise, [r.name for r in samples.poisoned.rules])
     target = _RowStore(cfg.cache_path("fidelity", "gradient-noise", key, "meta.json").parent) \
         if store else None
+    if target is not None and target.read_meta() is None:
+        target.write_meta({"key": key, "config": cfg.to_dict(), "n_copies": n_copies,
+                           "noise": noise, "layers": layers, "model": model_fingerprint(model),
+                           "numerics": reproducibility.settings()})
     done = target.done() if target is not None else set()
     ids = samples.ids
     fresh: dict[int, pd.DataFrame] = {}
@@ -531,9 +535,8 @@ def gradient_noise_verdict(rows: pd.DataFrame,
     over layers (the levels depend on the network and the noise scale; the paper's are
     ``paper["dense"] -> paper["spade"]``). ``delta`` is the mean over samples of the per-sample
     difference (SPADE minus dense, each averaged over layers), ``se`` its standard error; the
-    verdict is :func:`spade_lib.tables.range_verdict` of ``delta`` against ``[0, inf)``: "holds"
-    when ``delta - se >= 0``, "fails" when ``delta + se < 0``, else "inconclusive"
-    ("not comparable" when no sample has every layer). The same test per layer gives
+    verdict: "holds" when ``delta - se > 0``, "fails" when ``delta + se < 0``, else
+    "inconclusive" ("not comparable" when no sample has every layer). The same test per layer gives
     ``layers_higher`` / ``layers_lower`` (layers where SPADE is above / below dense beyond one
     standard error) out of ``layers``.
 
@@ -554,11 +557,11 @@ def gradient_noise_verdict(rows: pd.DataFrame,
     means = _layer_means(rows, ["sample"], "variant", "cosine").pivot(
         index="sample", columns="variant", values="cosine")
     total = _spread(means["spade"] - means["dense"])
-    verdict = range_verdict(total["mean"], total["se"], 0.0, math.inf)
+    verdict = _above(total["mean"], total["se"])
     higher = lower = 0
     for _, part in diff.groupby("layer", sort=False):
         s = _spread(part["delta"])
-        v = range_verdict(s["mean"], s["se"], 0.0, math.inf)
+        v = _above(s["mean"], s["se"])
         higher += v == "holds"
         lower += v == "fails"
     kept = rows.drop_duplicates(["sample", "variant"]).groupby("variant")["target_kept"].mean() \
@@ -571,6 +574,14 @@ def gradient_noise_verdict(rows: pd.DataFrame,
            "paper_spade": float(paper["spade"])}
     out["sentence"] = _gradient_sentence(out)
     return out
+
+
+def _above(delta: float, se: float) -> str:
+    """Whether ``delta > 0`` at one standard error: "holds" when ``delta - se > 0``, "fails" when
+    ``delta + se < 0``, else "inconclusive" (a difference of exactly 0 with no spread, e.g. a
+    layer equal by construction, holds nothing); NaN as :func:`spade_lib.tables.range_verdict`."""
+    verdict = range_verdict(delta, se, 0.0, math.inf)
+    return "inconclusive" if verdict == "holds" and not delta - se > 0 else verdict
 
 
 def _gradient_sentence(v: Mapping[str, Any]) -> str:
@@ -933,6 +944,13 @@ def mask_agreement_rows(cfg: Config, model: nn.Module, samples: Samples, pairs: 
     _need(pairs, PAIR_COLUMNS, "select_pairs() or agreement_pairs()")
     dense = weight_masks(model, _pruned_layers(model, sparsity))
     zeros = {name: int((~m).sum()) for name, m in dense.items()}
+    if store:
+        key = _masks_key(cfg, model, sparsity, [r.name for r in samples.poisoned.rules])
+        meta = _RowStore(cfg.cache_path("fidelity", "masks", key, "meta.json").parent)
+        if meta.read_meta() is None:
+            meta.write_meta({"key": key, "config": cfg.to_dict(), "model": model_fingerprint(model),
+                             "sparsity": schedules.resolve_sparsity(model, sparsity),
+                             "numerics": reproducibility.settings()})
     parts = []
     for pair in tqdm(pairs.itertuples(index=False), total=len(pairs), desc="pairs",
                      disable=not progress):
@@ -1044,7 +1062,7 @@ def agreement_verdicts(rows: pd.DataFrame,
         a, b = spread[lo], spread[hi]
         delta, se = b["mean"] - a["mean"], math.sqrt(a["se"] ** 2 + b["se"] ** 2)
         out.append({"claim": f"{hi} above {lo}", "value": delta, "se": se,
-                    "n": min(a["n"], b["n"]), "verdict": range_verdict(delta, se, 0.0, math.inf)})
+                    "n": min(a["n"], b["n"]), "verdict": _above(delta, se)})
     positions = sorted(set(rows["position"]))
     third = max(1, len(positions) // 3)
     first, last = positions[:third], positions[-third:]
@@ -1055,8 +1073,7 @@ def agreement_verdicts(rows: pd.DataFrame,
 
     s = _spread(part_mean(first) - part_mean(last))
     out.append({"claim": f"first {third} layers above last {third}", "value": s["mean"],
-                "se": s["se"], "n": s["n"],
-                "verdict": range_verdict(s["mean"], s["se"], 0.0, math.inf)})
+                "se": s["se"], "n": s["n"], "verdict": _above(s["mean"], s["se"])})
     table = pd.DataFrame(out, columns=["claim", "value", "se", "n", "verdict"])
     table.attrs["sentence"] = _agreement_sentence(table, paper)
     return table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 
@@ -343,6 +344,10 @@ def test_gradient_noise_rows_pair_dense_and_spade_and_cache(cfg, model, pool):
         np.testing.assert_allclose(got["cosine"], want["cosine"], atol=COS_TOL)
     again = fidelity.gradient_noise_rows(cfg, model, two, n_copies=4, progress=False)
     pd.testing.assert_frame_equal(rows, again)
+    key = fidelity.gradient_noise_key(cfg, model, 4, fidelity.SMOOTHGRAD_NOISE,
+                                      [r.name for r in two.poisoned.rules])
+    meta = cfg.cache_path("fidelity", "gradient-noise", key, "meta.json")
+    assert json.loads(meta.read_text())["key"] == key == rows["config_hash"].iloc[0]
     summary = fidelity.gradient_noise_summary(rows)
     assert summary["layer"].iloc[-1] == fidelity.ALL_LAYERS and (summary["n"] == 2).all()
 
@@ -372,6 +377,8 @@ def test_gradient_noise_verdict_follows_the_paired_differences():
     assert fidelity.gradient_noise_verdict(_cosines([-0.1, -0.12, -0.08]))["verdict"] == "fails"
     assert fidelity.gradient_noise_verdict(_cosines([0.1, -0.1, 0.01]))["verdict"] == \
         "inconclusive"
+    same = fidelity.gradient_noise_verdict(_cosines([0.0, 0.0, 0.0]))   # like the logits' row
+    assert same["verdict"] == "inconclusive" and same["layers_higher"] == 0 == same["layers_lower"]
     nan = _cosines([0.1, 0.1])
     nan.loc[nan["sample"] == 0, "cosine"] = np.nan
     assert fidelity.gradient_noise_verdict(nan)["verdict"] == "inconclusive"   # one sample
