@@ -724,7 +724,21 @@ def _match(items: Sequence[int], labels: Mapping[int, int], rng: np.random.Gener
 
 
 def _take(pairs: list[tuple[int, int]], n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """``n`` of ``pairs`` drawn at random (all if fewer), in their order."""
     return [pairs[i] for i in sorted(rng.permutation(len(pairs))[:n])]
+
+
+def _turns(per_rule: Sequence[list[tuple[int, int]]], n: int,
+           rng: np.random.Generator) -> list[tuple[int, tuple[int, int]]]:
+    """Up to ``n`` ``(rule, pair)``: the rules take turns giving a random one of their pairs, so
+    every rule gives ``n // rules`` where it can and the rest come from those that have more."""
+    queues = [[pairs[i] for i in rng.permutation(len(pairs))] for pairs in per_rule]
+    out: list[tuple[int, tuple[int, int]]] = []
+    while len(out) < n and any(queues):
+        for k, queue in enumerate(queues):
+            if queue and len(out) < n:
+                out.append((k, queue.pop(0)))
+    return out
 
 
 def select_pairs(samples: Samples, n_pairs: int, seed: int = 0) -> pd.DataFrame:
@@ -733,13 +747,15 @@ def select_pairs(samples: Samples, n_pairs: int, seed: int = 0) -> pd.DataFrame:
     The Trojan kinds come from ``samples`` (the Trojan pool), the random kind from the clean test
     images of ``samples.test``. Within a kind the pairs are disjoint, and no image (nor the clean
     original of a Trojan sample) is in two pairs of any kinds, so every pair's agreement is
-    independent of the others and a standard error over pairs is honest. "Same Trojan" pairs are
-    drawn first (only rules whose samples have several classes can give them), then "same Trojan
-    and class" pairs from the rest, then the random ones.
+    independent of the others and a standard error over pairs is honest.
 
     Random pairs and "same Trojan" pairs have different true classes: the paper draws ImageNet
     images, which share a class 1 time in 1000, while here 1 in 10 would. So each kind adds one
-    likeness to the one before it (the Trojan, then the class).
+    likeness to the one before it (the Trojan, then the class). Both Trojan kinds come from the
+    same rules, those whose samples have several classes (a source-conditional rule's samples
+    all share its source class, so it cannot give a "same Trojan" pair), and the rules take
+    turns giving pairs (first "same Trojan", then "same Trojan and class" from the images left):
+    the two kinds then have the same mix of Trojans and differ only in the class.
 
     Returns
     -------
@@ -753,16 +769,16 @@ def select_pairs(samples: Samples, n_pairs: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(np.random.SeedSequence([_check_seed(seed), 0xA9EE]))
     table = samples.table
     labels = dict(zip(table["sample"].astype(int), table["clean_label"].astype(int), strict=True))
-    rules = dict(zip(table["sample"].astype(int), table["rule_name"], strict=True))
     by_rule = {r: [int(s) for s in part["sample"]] for r, part in table.groupby("rule_name")}
+    mixed = [r for r in sorted(by_rule) if len({labels[s] for s in by_rule[r]}) > 1]
     used: set[int] = set()
     rows = []
     for kind, same in ((AGREEMENT_KINDS[1], False), (AGREEMENT_KINDS[2], True)):
-        found = [p for r in sorted(by_rule) for p in _match(
-            [s for s in by_rule[r] if s not in used], labels, rng, same)]
-        for i, (a, b) in enumerate(_take(found, n_pairs, rng)):
+        found = [_match([s for s in by_rule[r] if s not in used], labels, rng, same)
+                 for r in mixed]
+        for i, (k, (a, b)) in enumerate(_turns(found, n_pairs, rng)):
             used.update((a, b))
-            rows.append((kind, i, "poisoned", a, labels[a], "poisoned", b, labels[b], rules[a]))
+            rows.append((kind, i, "poisoned", a, labels[a], "poisoned", b, labels[b], mixed[k]))
     test = samples.test
     originals = set(table["test_index"].astype(int))
     clean = [int(i) for i in np.flatnonzero(test.rule.numpy() == -1) if int(i) not in originals]
@@ -789,7 +805,9 @@ def agreement_pairs(cfg: Config, model: nn.Module, n_pairs: int,
     The Trojan pool is :func:`spade_lib.samples.evaluation_samples` of ``cfg`` with ``samples``
     raised until :func:`select_pairs` finds ``n_pairs`` of each kind (it starts at
     ``max(cfg.samples, 4 * n_pairs)`` and doubles; a larger request selects a superset, so the
-    evaluation samples are part of the pool) or the filter passes no more candidates.
+    evaluation samples are part of the pool) or the filter passes no more candidates. The pool is
+    balanced over all rules, but only the rules whose samples have several classes give pairs
+    (:func:`select_pairs`), so it is larger than the pairs need.
 
     Returns
     -------

@@ -278,6 +278,11 @@ def test_pairs_of_each_kind_are_what_they_claim_and_disjoint(pool):
             assert (label[p.index_a], label[p.index_b]) == (p.label_a, p.label_b)
             assert (p.label_a == p.label_b) == (p.kind == "same Trojan and class")
     trojan = pairs[pairs["source_a"] == "poisoned"]
+    mix = trojan.groupby(["kind", "rule_name"]).size().unstack("kind")
+    assert (mix["same Trojan"] == mix["same Trojan and class"]).all()   # the same Trojans
+    several = {r for r, part in pool.table.groupby("rule_name")
+               if part["clean_label"].nunique() > 1}
+    assert set(mix.index) == several and len(several) == 2   # the two "Any" rules
     images = [*trojan["index_a"], *trojan["index_b"]]
     assert len(set(images)) == len(images)
     clean = [*pairs.loc[pairs["kind"] == "random", "index_a"],
