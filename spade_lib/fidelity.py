@@ -798,8 +798,8 @@ def select_pairs(samples: Samples, n_pairs: int, seed: int = 0) -> pd.DataFrame:
     return pairs
 
 
-def agreement_pairs(cfg: Config, model: nn.Module, n_pairs: int,
-                    seed: int | None = None) -> tuple[pd.DataFrame, Samples]:
+def agreement_pairs(cfg: Config, model: nn.Module, n_pairs: int, seed: int | None = None,
+                    store: bool = True) -> tuple[pd.DataFrame, Samples]:
     """Pairs for Figure K.11 from the preset's Trojan evaluation samples and test scenes.
 
     The Trojan pool is :func:`spade_lib.samples.evaluation_samples` of ``cfg`` with ``samples``
@@ -809,24 +809,44 @@ def agreement_pairs(cfg: Config, model: nn.Module, n_pairs: int,
     balanced over all rules, but only the rules whose samples have several classes give pairs
     (:func:`select_pairs`), so it is larger than the pairs need.
 
+    Parameters
+    ----------
+    seed
+        Seeds :func:`select_pairs` (default ``cfg.seed``).
+    store
+        Keep the pool's sample ids in ``cfg.cache_path("fidelity", "pairs", KEY + ".json")``
+        (keyed by the data and trace settings, ``samples``, the model's weights, ``n_pairs`` and
+        ``seed``), so that a rebuild does not run the filter again.
+
     Returns
     -------
     (pandas.DataFrame, Samples)
-        The pairs (:func:`select_pairs`, seeded by ``seed``, default ``cfg.seed``) and the pool
-        their ``poisoned`` indices refer to.
+        The pairs (:func:`select_pairs`) and the pool their ``poisoned`` indices refer to.
     """
+    from spade_lib import data
+
     n_pairs = check_positive_int(n_pairs, "n_pairs")
-    seed = cfg.seed if seed is None else seed
+    seed = _check_seed(cfg.seed if seed is None else seed)
+    path = cfg.cache_path("fidelity", "pairs", _hash({
+        "what": "pairs", "version": _VERSION, "config": cfg.digest((*_TRACE_KEYS, "samples")),
+        "model": model_fingerprint(model), "n_pairs": n_pairs, "seed": seed}) + ".json")
+    if store and path.exists():
+        _, test = data.load_scenes(cfg)
+        poisoned = data.poisoned_test(test, cfg.rules, seed=cfg.seed)
+        pool = Samples.from_ids(poisoned, test, json.loads(path.read_text())["pool"])
+        return select_pairs(pool, n_pairs, seed), pool
     size = max(cfg.samples, 4 * n_pairs)
     while True:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             pool = evaluation_samples(cfg.replace(samples=size), model)
-            pairs = select_pairs(pool, n_pairs, seed)
-        counts = pairs["kind"].value_counts()
+            counts = select_pairs(pool, n_pairs, seed)["kind"].value_counts()
         if all(counts.get(k, 0) >= n_pairs for k in AGREEMENT_KINDS) or len(pool) < size:
             break
         size *= 2
+    if store:
+        blob = json.dumps({"pool": pool.ids}).encode()
+        atomic_write(path, lambda fh: fh.write(blob))
     return select_pairs(pool, n_pairs, seed), pool
 
 

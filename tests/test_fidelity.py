@@ -299,6 +299,26 @@ def test_a_small_pool_gives_fewer_pairs_with_a_warning(pool):
     assert (pairs["kind"].value_counts() < 500).any()
 
 
+def test_agreement_pairs_grow_the_pool_until_every_kind_is_full_and_cache_it(cfg, model, pool,
+                                                                            monkeypatch):
+    asked = []
+
+    def evaluation_samples(c, m):
+        asked.append(c.samples)
+        return Samples.from_ids(pool.poisoned, pool.test, pool.ids[:c.samples])
+
+    monkeypatch.setattr(fidelity, "evaluation_samples", evaluation_samples)
+    pairs, found = fidelity.agreement_pairs(cfg, model, 2)
+    # the first pools hold one rule's samples only (ids are grouped by rule), so it must grow
+    assert len(asked) > 1 and asked == [max(cfg.samples, 8) * 2 ** i for i in range(len(asked))]
+    assert pairs["kind"].value_counts().to_dict() == dict.fromkeys(fidelity.AGREEMENT_KINDS, 2)
+    pd.testing.assert_frame_equal(pairs, fidelity.select_pairs(found, 2, cfg.seed))
+    monkeypatch.setattr(fidelity, "evaluation_samples", None)   # a rebuild runs no filter
+    again, same = fidelity.agreement_pairs(cfg, model, 2)
+    assert same.ids == found.ids
+    pd.testing.assert_frame_equal(pairs, again)
+
+
 # --------------------------------------------------------------------------------------------
 # The runners (smoke scenes, a random ResNet-20)
 # --------------------------------------------------------------------------------------------
