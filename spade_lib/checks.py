@@ -1,4 +1,5 @@
-"""Argument checks shared by the library: images, batches of images, positive integers, choices.
+"""Argument checks shared by the library: images, batches of images, positive integers, seeds,
+noise levels, choices and the columns of a table.
 
 Each check raises ``ValueError`` whose message names the argument, the bad value and what is
 allowed, so a caller sees what to change without reading the code.
@@ -6,14 +7,18 @@ allowed, so a caller sees what to change without reading the code.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
-__all__ = ["check_choice", "check_image", "check_images", "check_positive_int"]
+__all__ = ["check_choice", "check_columns", "check_image", "check_images", "check_noise",
+           "check_positive_int", "check_seed"]
 
 
 def check_positive_int(value: Any, name: str) -> int:
@@ -120,3 +125,30 @@ def check_choice(value: Any, allowed: Sequence[str], what: str) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
     return value
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an ``int`` if it is a non-negative integer (not a bool)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return int(seed)
+
+
+def check_noise(noise: Any) -> float:
+    """``noise`` as a ``float`` if it is a finite number > 0 (a standard deviation as a fraction
+    of the input range [0, 1], as :func:`spade_lib.fidelity.noisy_copies` takes it)."""
+    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not (
+            math.isfinite(noise) and noise > 0):
+        raise ValueError(f"noise must be a positive number (standard deviation as a fraction of "
+                         f"the input range [0, 1]), got {noise!r}")
+    return float(noise)
+
+
+def check_columns(rows: Any, columns: Sequence[str], source: str) -> None:
+    """Fail unless ``rows`` is a DataFrame with ``columns``; the message names the missing ones
+    and ``source``, the function whose table the caller should pass (e.g. ``"evaluate()"``)."""
+    if not isinstance(rows, pd.DataFrame):
+        raise ValueError(f"expected the table of {source}, got {type(rows).__name__}")
+    missing = [c for c in columns if c not in rows.columns]
+    if missing:
+        raise ValueError(f"the table lacks columns {missing}; pass the table of {source}")

@@ -4,7 +4,7 @@ The runner (:mod:`spade_lib.insertion`) keeps one tidy row per sample, method, v
 aggregation. This module reads those rows: :func:`summary` and :func:`differences` are the tidy
 numbers (means, paired differences, standard errors, counts) behind :func:`table_j18`, the paper's
 layout beside the paper's own numbers (:data:`PAPER_J18`); :func:`claim_sentence` gives the verdict
-on the paper's claim, computed at one standard error (:func:`claim_verdict`);
+on the paper's claim, computed at one standard error (:func:`spade_lib.tables.claim_verdict`);
 :func:`endpoints_sentence` says how much room the curves have; :func:`timings` is the cost table;
 :func:`mean_curves` and :func:`plot_curves` draw the mean curves.
 """
@@ -20,6 +20,7 @@ import pandas as pd
 
 from spade_lib import metrics
 from spade_lib.insertion import SPARSE_FC, VARIANTS
+from spade_lib.tables import claim_verdict
 
 __all__ = [
     "LABELS", "METRICS", "PAPER_J18", "PAPER_J18_GAIN", "claim_sentence", "claim_verdict",
@@ -274,23 +275,6 @@ def _cell(value: float, se: float) -> str:
 # --------------------------------------------------------------------------------------------
 # The verdict
 # --------------------------------------------------------------------------------------------
-
-def claim_verdict(delta: float, se: float, direction: float) -> str:
-    """``"holds"`` when ``delta`` lies more than one standard error on the claimed side of 0
-    (``direction`` +1: above, -1: below), ``"fails"`` when more than one standard error on the
-    other side, ``"inconclusive"`` in between (or with a NaN ``se``), ``"not comparable"`` for a
-    NaN ``delta``."""
-    if math.isnan(delta):
-        return "not comparable"
-    if math.isnan(se):
-        return "inconclusive"
-    signed = direction * delta
-    if signed > se:
-        return "holds"
-    if signed < -se:
-        return "fails"
-    return "inconclusive"
-
 
 def claim_sentence(rows: pd.DataFrame, what: str = "the Trojan samples",
                    normalised: bool = True, aggregation: str = "best") -> str:

@@ -2,7 +2,8 @@
 
 :func:`default_layers` is the paper's choice (every Conv2d and Linear but the stem and grouped
 convs), :func:`select_layers` picks layers by name patterns, and :func:`resolve_sparsity` turns a
-sparsity spec into a per-layer target: a float, a dict of layer names or block prefixes,
+sparsity spec into a per-layer target (:func:`pruned_layers` names those above 0): a float, a dict
+of layer names or block prefixes,
 :func:`linear` (the paper's schedule rising over the layers), :func:`only` (Table D.13) or one of
 the config strings ``"linear"``, ``"linear:FIRST:LAST"`` and ``"only:PREFIX[,PREFIX...]:S"``
 (:func:`parse_spec`, also what :mod:`spade_lib.config` checks the ``sparsity`` key with).
@@ -20,7 +21,7 @@ from torch import nn
 __all__ = [
     "LinearSchedule", "OnlyBlocks", "SparsitySpec", "check_sparsity", "default_layers",
     "get_layers", "is_prunable", "linear", "only", "parse_spec", "prunable_layers",
-    "resolve_sparsity", "select_layers",
+    "pruned_layers", "resolve_sparsity", "select_layers",
 ]
 
 
@@ -193,3 +194,8 @@ def resolve_sparsity(
         return out
     value = check_sparsity(spec)
     return dict.fromkeys(layers, value)
+
+
+def pruned_layers(model: nn.Module, sparsity: SparsitySpec) -> list[str]:
+    """The layers that ``sparsity`` prunes (:func:`resolve_sparsity` above 0), in model order."""
+    return [n for n, s in resolve_sparsity(model, sparsity).items() if s > 0]

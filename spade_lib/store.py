@@ -4,11 +4,12 @@
 records what produced them; :func:`open_store` turns the runner's ``store=`` argument into one.
 The rows follow :data:`COLUMNS` with the fixed dtypes of :func:`typed_rows`, so a table read back
 equals the one computed. A damaged file is set aside with a :class:`DamagedResultWarning` and its
-sample computed again.
+sample computed again. :func:`key_hash` names a cache entry by the hash of what determines it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -24,7 +25,8 @@ from spade_lib.config import Config
 from spade_lib.files import atomic_write
 from spade_lib.samples import SAMPLE_COLUMNS
 
-__all__ = ["COLUMNS", "DamagedResultWarning", "ResultStore", "open_store", "typed_rows"]
+__all__ = ["COLUMNS", "DamagedResultWarning", "ResultStore", "key_hash", "open_store",
+           "typed_rows"]
 
 COLUMNS = (
     *SAMPLE_COLUMNS, "method", "variant", *metrics.SCORE_COLUMNS, "keeps_prediction",
@@ -46,6 +48,16 @@ def typed_rows(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _as_read(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame
+
+
+def key_hash(blob: Mapping[str, Any]) -> str:
+    """16 hex digits of the SHA-256 of ``blob`` as JSON (sorted keys, ``str`` for other types):
+    the name of a cache entry, from everything that determines it."""
+    text = json.dumps(blob, sort_keys=True, default=str).encode()
+    return hashlib.sha256(text).hexdigest()[:16]
+
 
 class DamagedResultWarning(UserWarning):
     """A file of a result store could not be read; it is set aside and its sample recomputed."""
@@ -60,14 +72,15 @@ class ResultStore:
     of different samples never touch the same file, so several processes may share a store.
     ``meta.json`` records what produced the rows. By default the rows are those of the runner
     (:data:`COLUMNS`, :func:`typed_rows`); another table passes its own ``typer`` (fixing the
-    dtypes of a frame read back) and ``columns`` (of an empty read).
+    dtypes of a frame read back; ``None``: the frame as read) and ``columns`` (of an empty read).
     """
 
     def __init__(self, path: str | os.PathLike,
-                 typer: Callable[[pd.DataFrame], pd.DataFrame] = typed_rows,
+                 typer: Callable[[pd.DataFrame], pd.DataFrame] | None = typed_rows,
                  columns: Sequence[str] = COLUMNS) -> None:
         self.path = Path(path)
-        self.typer, self.columns = typer, tuple(columns)
+        self.typer = typer if typer is not None else _as_read
+        self.columns = tuple(columns)
 
     def __repr__(self) -> str:
         return f"ResultStore({str(self.path)!r})"

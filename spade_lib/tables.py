@@ -11,7 +11,12 @@ The book's chapter B prints :func:`table_b2` (Table B.2 styled), :func:`headline
 :func:`overview` (the models side by side), and its verdicts come from the numbers:
 :func:`gain_sentence` sets the gain against the paper's range (:data:`PAPER_AUC_GAIN`) and
 :func:`difference_sentence` compares two variants, both at one standard error
-(:func:`range_verdict`). :func:`class_change` is the ``"Coat -> Bag"`` label of a decision.
+(:func:`range_verdict`, and :func:`claim_verdict` for the sign of a difference).
+:func:`class_change` is the ``"Coat -> Bag"`` label of a decision.
+
+Per-layer tables (chapters E and K) share :func:`spread` (mean, standard deviation, standard error
+and counts of a column), :func:`layer_means` (each unit's mean over layers) and the label
+:data:`ALL_LAYERS` of the row that averages over layers.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ import pandas as pd
 from spade_lib import metrics
 
 __all__ = [
-    "OVERVIEW_COLUMNS", "PAPER_AUC_GAIN", "class_change", "difference_sentence", "gain_sentence",
-    "headline", "merge_methods", "overview", "prediction_kept", "range_verdict", "score_gap",
-    "summary", "table_b2", "variant_table", "wins",
+    "ALL_LAYERS", "OVERVIEW_COLUMNS", "PAPER_AUC_GAIN", "claim_verdict", "class_change",
+    "difference_sentence", "gain_sentence", "headline", "layer_means", "merge_methods",
+    "overview", "prediction_kept", "range_verdict", "score_gap", "spread", "summary", "table_b2",
+    "variant_table", "wins",
 ]
 
 def _best_per_method(rows: pd.DataFrame, metric: str,
@@ -361,6 +367,46 @@ def range_verdict(value: float, se: float, low: float, high: float) -> str:
     if hi < low or lo > high:
         return "fails"
     return "inconclusive"
+
+
+def claim_verdict(delta: float, se: float, direction: float) -> str:
+    """``"holds"`` when ``delta`` lies more than one standard error on the claimed side of 0
+    (``direction`` +1: above, -1: below), ``"fails"`` when more than one standard error on the
+    other side, ``"inconclusive"`` in between (or with a NaN ``se``; also a difference of exactly
+    0 with no spread, e.g. a layer equal by construction), ``"not comparable"`` for a NaN
+    ``delta``."""
+    if math.isnan(delta):
+        return "not comparable"
+    if math.isnan(se):
+        return "inconclusive"
+    signed = direction * delta
+    if signed > se:
+        return "holds"
+    if signed < -se:
+        return "fails"
+    return "inconclusive"
+
+
+ALL_LAYERS = "all layers"
+"""The label of the row that averages over layers (per sample or pair, then over them)."""
+
+
+def spread(values: pd.Series) -> dict[str, float]:
+    """``mean``, ``std`` (ddof 1), ``se`` and ``n`` of the non-NaN ``values``, and ``n_nan``
+    (NaN statistics where too few values are left: mean with none, std and se with one)."""
+    v = values.dropna()
+    n = len(v)
+    std = float(v.std(ddof=1)) if n > 1 else math.nan
+    return {"mean": float(v.mean()) if n else math.nan, "std": std,
+            "se": std / math.sqrt(n) if n > 1 else math.nan, "n": n,
+            "n_nan": int(values.isna().sum())}
+
+
+def layer_means(rows: pd.DataFrame, unit: Sequence[str], group: str, value: str) -> pd.DataFrame:
+    """Per unit (sample or pair) and group (variant or kind): the mean of ``value`` over layers
+    (NaN when any layer is NaN: an average over fewer layers is not comparable)."""
+    return (rows.groupby([group, *unit], sort=False)[value]
+            .agg(lambda v: v.mean(skipna=False)).rename(value).reset_index())
 
 
 def gain_sentence(results: pd.DataFrame, variant: str = "spade",

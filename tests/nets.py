@@ -6,6 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Float32 gradients carry a relative error of a few units of 2^-24 per operation; a cosine of
+# vectors with relative error e moves by O(e). 1e-5 leaves a factor of ~100 for the depth of
+# these nets and the different summation order of a batch against one copy.
+COS_TOL = 1e-5
+"""Tolerance of a mean pairwise cosine of float32 gradients (gradient-noise tests)."""
+
 
 class Tiny(nn.Module):
     """Stem conv, BatchNorm, depthwise conv, strided conv, conv, linear head."""
