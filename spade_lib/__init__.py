@@ -8,8 +8,10 @@ The public face fits the PyTorch/Captum world::
 
 Modules, one concern each (the README's Layout lists them all): ``config``, ``data``, ``scenes``,
 ``datasets``, ``trojan``, ``models``, ``train``, ``augment``, ``hessians``, ``pruning``,
-``schedules``, ``trace``, ``attribution``, ``lrp``, ``metrics``, ``fidelity``, ``samples``,
-``results``, ``store``, ``tables``, ``search``, ``widgets``; shared helpers in ``checks``,
+``schedules``, ``trace``, ``attribution``, ``lrp``, ``metrics``, ``fidelity`` (one image's
+gradient noise and mask agreement), ``gradient_noise`` and ``mask_agreement`` (chapters E and K
+over many images), ``samples``, ``results``, ``store``, ``tables``, ``search``, ``widgets``;
+shared helpers in ``checks``,
 ``files`` and ``reproducibility``. ``spade_lib.trace`` and ``spade_lib.augment`` are the
 functions; import the modules of those names as ``from spade_lib.trace import ...`` /
 ``from spade_lib.augment import ...``.

@@ -1,27 +1,20 @@
-"""Gradient noise (Appendix E) and mask agreement (Appendix K): brute force and hand cases."""
+"""The per-image measurements of gradient noise (Appendix E) and mask agreement (Appendix K):
+brute force and hand cases."""
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from nets import Tiny, model_state, randomize_bn, same_state
+from nets import COS_TOL, Tiny, model_state, randomize_bn, same_state
 from sklearn.metrics import jaccard_score
 from torch import nn
 
-from spade_lib import fidelity, schedules
-from spade_lib.samples import Samples, sample_seed
+from spade_lib import fidelity
 from spade_lib.trace import trace
-
-# Float32 gradients carry a relative error of a few units of 2^-24 per operation; a cosine of
-# vectors with relative error e moves by O(e). 1e-5 leaves a factor of ~100 for the depth of
-# these nets and the different summation order of a batch against one copy.
-COS_TOL = 1e-5
 
 
 @pytest.fixture
@@ -245,212 +238,3 @@ def test_trace_masks_are_the_nonzero_weights_of_the_pruned_copy(net, image):
     # a dense zero is kept only where the solver's update made it nonzero (FastOBC may)
     assert torch.equal(masks["conv2"][zero], result.model.conv2.weight[zero] != 0)
     assert torch.equal(fidelity.weight_masks(net, ["conv2"])["conv2"], ~zero)
-
-
-# --------------------------------------------------------------------------------------------
-# Pairs
-# --------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def pool(scenes) -> Samples:
-    test, poisoned = scenes
-    ids = [i for k in range(len(poisoned.rules))
-           for i in np.flatnonzero(poisoned.rule.numpy() == k)[:20].tolist()]
-    return Samples.from_ids(poisoned, test, ids)
-
-
-def test_pairs_of_each_kind_are_what_they_claim_and_disjoint(pool):
-    pairs = fidelity.select_pairs(pool, 4, seed=0)
-    assert list(pairs.columns) == list(fidelity.PAIR_COLUMNS)
-    assert pairs["kind"].value_counts().to_dict() == dict.fromkeys(fidelity.AGREEMENT_KINDS, 4)
-    rule = dict(zip(pool.table["sample"], pool.table["rule_name"], strict=True))
-    label = dict(zip(pool.table["sample"], pool.table["clean_label"], strict=True))
-    test = pool.test
-    for p in pairs.itertuples():
-        if p.kind == "random":
-            assert p.source_a == p.source_b == "test" and p.rule_name == ""
-            assert test.rule[p.index_a] == test.rule[p.index_b] == -1
-            assert test.clean_labels[p.index_a] == p.label_a != p.label_b \
-                == test.clean_labels[p.index_b]
-        else:
-            assert p.source_a == p.source_b == "poisoned"
-            assert rule[p.index_a] == rule[p.index_b] == p.rule_name
-            assert (label[p.index_a], label[p.index_b]) == (p.label_a, p.label_b)
-            assert (p.label_a == p.label_b) == (p.kind == "same Trojan and class")
-    trojan = pairs[pairs["source_a"] == "poisoned"]
-    mix = trojan.groupby(["kind", "rule_name"]).size().unstack("kind")
-    assert (mix["same Trojan"] == mix["same Trojan and class"]).all()   # the same Trojans
-    several = {r for r, part in pool.table.groupby("rule_name")
-               if part["clean_label"].nunique() > 1}
-    assert set(mix.index) == several and len(several) == 2   # the two "Any" rules
-    images = [*trojan["index_a"], *trojan["index_b"]]
-    assert len(set(images)) == len(images)
-    clean = [*pairs.loc[pairs["kind"] == "random", "index_a"],
-             *pairs.loc[pairs["kind"] == "random", "index_b"]]
-    originals = set(pool.table["test_index"])
-    assert len(set(clean)) == len(clean) and not set(clean) & originals
-    pd.testing.assert_frame_equal(pairs, fidelity.select_pairs(pool, 4, seed=0))
-    assert not pairs.equals(fidelity.select_pairs(pool, 4, seed=1))
-
-
-def test_a_small_pool_gives_fewer_pairs_with_a_warning(pool):
-    with pytest.warns(UserWarning, match="fewer than 500 pairs"):
-        pairs = fidelity.select_pairs(pool, 500)
-    assert (pairs["kind"].value_counts() < 500).any()
-
-
-def test_agreement_pairs_grow_the_pool_until_every_kind_is_full_and_cache_it(cfg, model, pool,
-                                                                            monkeypatch):
-    asked = []
-
-    def evaluation_samples(c, m):
-        asked.append(c.samples)
-        return Samples.from_ids(pool.poisoned, pool.test, pool.ids[:c.samples])
-
-    monkeypatch.setattr(fidelity, "evaluation_samples", evaluation_samples)
-    pairs, found = fidelity.agreement_pairs(cfg, model, 2)
-    # the first pools hold one rule's samples only (ids are grouped by rule), so it must grow
-    assert len(asked) > 1 and asked == [max(cfg.samples, 8) * 2 ** i for i in range(len(asked))]
-    assert pairs["kind"].value_counts().to_dict() == dict.fromkeys(fidelity.AGREEMENT_KINDS, 2)
-    pd.testing.assert_frame_equal(pairs, fidelity.select_pairs(found, 2, cfg.seed))
-    monkeypatch.setattr(fidelity, "evaluation_samples", None)   # a rebuild runs no filter
-    again, same = fidelity.agreement_pairs(cfg, model, 2)
-    assert same.ids == found.ids
-    pd.testing.assert_frame_equal(pairs, again)
-
-
-# --------------------------------------------------------------------------------------------
-# The runners (smoke scenes, a random ResNet-20)
-# --------------------------------------------------------------------------------------------
-
-def test_mask_agreement_rows_trace_each_image_once_and_cache(cfg, model, pool, monkeypatch):
-    cfg = cfg.replace(n_augmentations=8)
-    ids = pool.ids
-    pairs = pd.DataFrame([
-        ("same Trojan", 0, "poisoned", ids[0], 0, "poisoned", ids[0], 0, "x"),
-        ("same Trojan", 1, "poisoned", ids[1], 0, "poisoned", ids[30], 1, "x"),
-        ("random", 0, "test", 3, 0, "test", 5, 1, ""),
-    ], columns=list(fidelity.PAIR_COLUMNS))
-    before = model_state(model)
-    rows = fidelity.mask_agreement_rows(cfg, model, pool, pairs, progress=False)
-    assert same_state(before, model_state(model))
-    layers = schedules.default_layers(model)
-    assert list(rows.columns) == list(fidelity.AGREEMENT_COLUMNS)
-    assert len(rows) == 3 * len(layers) and list(rows["layer"][:len(layers)]) == layers
-    first = rows[rows["pair"] == 0].iloc[:len(layers)]
-    assert (first["agreement"] == 1.0).all()      # an image against itself
-    conv = rows[(rows["layer"] == layers[3]) & ~rows["flagged"]]
-    assert (conv["kept_a"] / conv["weights"] < 0.02).all()
-    assert (first["chance"] < 0.1).all() and (rows["dense_zeros"] == 0).all()
-    calls = []
-    monkeypatch.setattr(sys.modules["spade_lib.trace"], "trace",
-                        lambda *a, **k: calls.append(1))
-    again = fidelity.mask_agreement_rows(cfg, model, pool, pairs, progress=False)
-    assert not calls
-    pd.testing.assert_frame_equal(rows, again)
-
-
-def test_gradient_noise_rows_pair_dense_and_spade_and_cache(cfg, model, pool):
-    from spade_lib.results import Variant, variant_network
-
-    cfg = cfg.replace(sparsity=0.8, n_augmentations=8)
-    two = Samples.from_ids(pool.poisoned, pool.test, pool.ids[:2])
-    rows = fidelity.gradient_noise_rows(cfg, model, two, n_copies=4, progress=False)
-    layers = schedules.default_layers(model)
-    assert list(rows.columns) == list(fidelity.GRADIENT_COLUMNS)
-    assert len(rows) == 2 * 2 * (1 + len(layers))
-    info = two.table.iloc[1]
-    image = two.poisoned.float_images([int(info["sample"])])[0]
-    seed = sample_seed(cfg.seed, int(info["sample"]))
-    spade = variant_network(cfg, model, two, 1, Variant("spade", cfg.sparsity))[0]
-    for variant, net in (("dense", model), ("spade", spade)):
-        want = fidelity.gradient_noise(net, image, int(info["target"]), layers, 4, seed=seed)
-        got = rows[(rows["sample"] == info["sample"]) & (rows["variant"] == variant)]
-        np.testing.assert_allclose(got["cosine"], want["cosine"], atol=COS_TOL)
-    again = fidelity.gradient_noise_rows(cfg, model, two, n_copies=4, progress=False)
-    pd.testing.assert_frame_equal(rows, again)
-    key = fidelity.gradient_noise_key(cfg, model, 4, fidelity.SMOOTHGRAD_NOISE,
-                                      [r.name for r in two.poisoned.rules])
-    meta = cfg.cache_path("fidelity", "gradient-noise", key, "meta.json")
-    assert json.loads(meta.read_text())["key"] == key == rows["config_hash"].iloc[0]
-    summary = fidelity.gradient_noise_summary(rows)
-    assert summary["layer"].iloc[-1] == fidelity.ALL_LAYERS and (summary["n"] == 2).all()
-
-
-# --------------------------------------------------------------------------------------------
-# Summaries and verdicts
-# --------------------------------------------------------------------------------------------
-
-def _cosines(delta: list[float]) -> pd.DataFrame:
-    rows = []
-    for s, d in enumerate(delta):
-        for pos, layer in enumerate(("input", "a")):
-            base = 0.5 + 0.01 * s
-            rows.append({"sample": s, "variant": "dense", "layer": layer, "position": pos,
-                         "cosine": base})
-            rows.append({"sample": s, "variant": "spade", "layer": layer, "position": pos,
-                         "cosine": base + d})
-    return pd.DataFrame(rows)
-
-
-def test_gradient_noise_verdict_follows_the_paired_differences():
-    up = fidelity.gradient_noise_verdict(_cosines([0.1, 0.12, 0.08]))
-    assert up["verdict"] == "holds" and up["delta"] == pytest.approx(0.1)
-    assert up["se"] == pytest.approx(0.02 / math.sqrt(3))
-    assert up["layers_higher"] == 2 and up["layers_lower"] == 0 and up["n"] == 3
-    assert "**holds**" in up["sentence"] and "0.7355" in up["sentence"]
-    assert fidelity.gradient_noise_verdict(_cosines([-0.1, -0.12, -0.08]))["verdict"] == "fails"
-    assert fidelity.gradient_noise_verdict(_cosines([0.1, -0.1, 0.01]))["verdict"] == \
-        "inconclusive"
-    same = fidelity.gradient_noise_verdict(_cosines([0.0, 0.0, 0.0]))   # like the logits' row
-    assert same["verdict"] == "inconclusive" and same["layers_higher"] == 0 == same["layers_lower"]
-    nan = _cosines([0.1, 0.1])
-    nan.loc[nan["sample"] == 0, "cosine"] = np.nan
-    assert fidelity.gradient_noise_verdict(nan)["verdict"] == "inconclusive"   # one sample
-    table = fidelity.gradient_noise_summary(nan).set_index(["layer", "variant"])
-    assert table.loc[("a", "spade"), "n"] == 1 and table.loc[("a", "spade"), "n_nan"] == 1
-    wide = fidelity.gradient_noise_table(_cosines([0.1, 0.12, 0.08]))
-    assert list(wide.index) == ["input", "a", fidelity.ALL_LAYERS]
-    assert wide.loc["a", "spade"] - wide.loc["a", "dense"] == pytest.approx(0.1)
-    assert wide.loc["a", "dense_std"] == pytest.approx(0.01)
-    assert wide["delta"].to_numpy() == pytest.approx([0.1] * 3)
-    assert wide["se"].to_numpy() == pytest.approx([0.02 / math.sqrt(3)] * 3)
-
-
-def _agreements(levels: dict[str, list[float]], n_pairs: int = 4) -> pd.DataFrame:
-    rows = []
-    for kind, per_layer in levels.items():
-        for pair in range(n_pairs):
-            for pos, value in enumerate(per_layer):
-                wobble = 0.01 * (pair - (n_pairs - 1) / 2)
-                rows.append({"kind": kind, "pair": pair, "rule_name": "", "label_a": 0,
-                             "label_b": 1, "layer": f"l{pos}", "position": pos, "weights": 100,
-                             "kept_a": 1, "kept_b": 1, "overlap": 0,
-                             "agreement": value + wobble, "chance": 0.01, "flagged": False})
-    return pd.DataFrame(rows, columns=list(fidelity.AGREEMENT_COLUMNS))
-
-
-def test_agreement_verdicts_hand_case():
-    rows = _agreements({"random": [0.3, 0.2, 0.1], "same Trojan": [0.4, 0.3, 0.2],
-                        "same Trojan and class": [0.6, 0.5, 0.4]})
-    table = fidelity.agreement_verdicts(rows).set_index("claim")
-    assert table.loc["random: agreement in [20%, 60%]", "value"] == pytest.approx(0.2)
-    assert table.loc["random: agreement in [20%, 60%]", "verdict"] == "inconclusive"
-    assert table.loc["same Trojan: agreement in [20%, 60%]", "verdict"] == "holds"
-    assert table.loc["same Trojan and class: agreement in [20%, 60%]", "verdict"] == "holds"
-    assert table.loc["same Trojan above random", "value"] == pytest.approx(0.1)
-    assert (table.filter(like="above", axis=0)["verdict"] == "holds").all()
-    assert table.loc["first 1 layers above last 1", "value"] == pytest.approx(0.2)
-    assert "**6 of 7**" in table.attrs["sentence"]
-    summary = fidelity.agreement_summary(rows)
-    assert list(summary["kind"].unique()) == list(fidelity.AGREEMENT_KINDS)
-    last = summary[summary["layer"] == fidelity.ALL_LAYERS].set_index("kind")["mean"]
-    assert last.to_dict() == pytest.approx({"random": 0.2, "same Trojan": 0.3,
-                                            "same Trojan and class": 0.5})
-    assert (summary["chance"] == 0.01).all() and (summary["kept"] == 0.01).all()
-    wide = fidelity.agreement_table(rows)
-    assert list(wide.index) == ["l0", "l1", "l2", fidelity.ALL_LAYERS]
-    assert wide[("mean", "same Trojan")].to_numpy() == pytest.approx([0.4, 0.3, 0.2, 0.3])
-    # the wobbles are -1.5, -0.5, 0.5, 1.5 hundredths: std 0.01 sqrt(5/3), se std / 2
-    assert wide[("se", "random")].iloc[0] == pytest.approx(0.01 * math.sqrt(5 / 3) / 2)
-    assert (wide[("chance", "")] == 0.01).all() and (wide[("flagged", "")] == 0).all()
