@@ -4,8 +4,9 @@
 ``params/PRESET-calibration.csv`` (:func:`record_row` builds it): the training keys that were
 varied (:data:`KEYS`), ``train_seconds``, ``clean_accuracy`` and one ``attack_<rule>`` column per
 rule (%), and the dense Trojan AUC of every method (``auc_abs_<method>``, ``auc_sum_<method>``,
-``auc_abs_mean``, in %) on the preset's evaluation samples. Only dense numbers are recorded, so
-no choice made from the record can be tuned on SPADE.
+``auc_abs_mean``, in %, with its standard error :data:`SE_COLUMN`) on the preset's evaluation
+samples. Only dense numbers are recorded, so no choice made from the record can be tuned on SPADE.
+A row whose keys repeat an earlier row's re-measures that variant (:func:`remeasured`).
 
 The variants are judged against :data:`TARGETS` (:func:`verdicts`); :func:`table` is the chapter
 C table of every variant and :func:`summary` the sentence on the chosen one, both computed from
@@ -24,8 +25,9 @@ import pandas as pd
 
 from spade_lib.config import PARAMS_DIR, Config
 
-__all__ = ["CPU_DENSE_AUC_SE", "KEYS", "TARGETS", "Target", "chosen", "levers", "load",
-           "record_row", "summary", "table", "targets_markdown", "verdicts"]
+__all__ = ["KEYS", "SE_COLUMN", "TARGETS", "Target", "chosen", "levers", "load", "record_row",
+           "reference_auc", "reference_sentence", "remeasured", "summary", "table",
+           "targets_markdown", "verdicts"]
 
 KEYS = ("scene", "arch", "width", "epochs", "lr", "lr_step", "trojan_fraction", "patch_alpha",
         "random_shift")
@@ -77,9 +79,9 @@ rule's attack success at least 85%, a dense mean AUC (absolute channel sum) over
 methods in the paper's dense range 80-92, and training within 15 minutes on the book's 2-core
 machine."""
 
-CPU_DENSE_AUC_SE = 0.47
-"""Standard error (AUC points) of a 100-sample mean of the dense AUC on the ``cpu`` model (chapter
-B's dense rows when the record was judged); the record itself holds means only."""
+SE_COLUMN = "se_auc_abs_mean"
+"""The record's column with the standard error (AUC points) of ``auc_abs_mean``: over samples, of
+each sample's mean over methods. Rows recorded before it existed hold NaN."""
 
 
 def targets_markdown(targets: Sequence[Target] = TARGETS) -> str:
@@ -89,9 +91,20 @@ def targets_markdown(targets: Sequence[Target] = TARGETS) -> str:
     return "\n".join(items)
 
 
-def load(path: str | Path | None = None) -> pd.DataFrame:
-    """The calibration record, default ``params/cpu-calibration.csv``, one row per variant."""
-    return pd.read_csv(PARAMS_DIR / "cpu-calibration.csv" if path is None else path)
+def load(path: str | Path | None = None, preset: str = "cpu") -> pd.DataFrame:
+    """A calibration record, default ``params/PRESET-calibration.csv``, one row per variant."""
+    record = pd.read_csv(PARAMS_DIR / f"{preset}-calibration.csv" if path is None else path)
+    if SE_COLUMN not in record.columns:
+        record[SE_COLUMN] = float("nan")
+    return record
+
+
+def reference_auc(preset: str = "plain") -> tuple[float, float]:
+    """``(mean, standard error)`` of the dense AUC (absolute channel sum, in %) of the last row of
+    ``params/PRESET-calibration.csv``: the reference point a benchmark is compared with (the plain
+    Fashion-MNIST preset, where the patch is the only colour in the image)."""
+    row = load(preset=preset).iloc[-1]
+    return float(row["auc_abs_mean"]), float(row[SE_COLUMN])
 
 
 def _attack(record: pd.DataFrame) -> list[str]:
@@ -128,24 +141,41 @@ def table(record: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     whether it is the preset ``cfg``."""
     attack = _attack(record)
     per_method = [c for c in record.columns if c.startswith("auc_abs_") and c != "auc_abs_mean"]
+    if SE_COLUMN not in record.columns:
+        record = record.assign(**{SE_COLUMN: float("nan")})
     shown = record[["note", *KEYS, "train_seconds", "clean_accuracy", *attack, "auc_abs_mean",
-                    *per_method]].copy()
+                    SE_COLUMN, *per_method]].copy()
     shown["train (min)"] = (shown.pop("train_seconds") / 60).round(1)
     shown = pd.concat([shown, verdicts(record).map(lambda ok: "yes" if ok else "NO")], axis=1)
-    shown["is the cpu preset"] = ["yes" if c else "" for c in chosen(record, cfg)]
-    shown = shown.rename(columns=lambda c: c.replace("attack_", "attack ").replace("auc_abs_",
-                                                                                   "dense AUC "))
+    shown["is the cpu preset"] = [("re-measured" if again else "yes") if c else "" for c, again
+                                  in zip(chosen(record, cfg), remeasured(record), strict=True)]
+    shown = shown.rename(columns={SE_COLUMN: "dense AUC mean: SE"}).rename(
+        columns=lambda c: c.replace("attack_", "attack ").replace("auc_abs_", "dense AUC "))
     shown.index = [f"variant {i + 1}" for i in range(len(shown))]
     return shown
 
 
+def remeasured(record: pd.DataFrame) -> list[bool]:
+    """Per row, whether its :data:`KEYS` repeat an earlier row's: the same variant measured again
+    (e.g. on the model as the book trains it now), not a new variant."""
+    seen: set[tuple] = set()
+    out = []
+    for _, row in record.iterrows():
+        key = tuple(row[k] for k in KEYS)
+        out.append(key in seen)
+        seen.add(key)
+    return out
+
+
 def _pairs(record: pd.DataFrame, changed: set[str]) -> list[tuple[int, int]]:
     """Pairs ``(i, j)``, ``i`` the row with the smaller value of the first changed key, of
-    variants whose :data:`KEYS` differ exactly in ``changed``."""
+    variants whose :data:`KEYS` differ exactly in ``changed`` (re-measured rows left out)."""
     out = []
     first = sorted(changed, key=KEYS.index)[0]
-    for i in range(len(record)):
-        for j in range(i + 1, len(record)):
+    again = remeasured(record)
+    rows = [i for i in range(len(record)) if not again[i]]
+    for i in rows:
+        for j in (j for j in rows if j > i):
             differ = {k for k in KEYS if record.iloc[i][k] != record.iloc[j][k]}
             if differ == changed:
                 a, b = (i, j) if record.iloc[i][first] < record.iloc[j][first] else (j, i)
@@ -180,9 +210,10 @@ def _span(values: Sequence[float], digits: int) -> str:
     return low if low == high else f"{low} to {high}"
 
 
-def _why_missed(record: pd.DataFrame, row: pd.Series, k: int, se: float) -> str:
+def _why_missed(record: pd.DataFrame, row: pd.Series, k: int, se: float | None) -> str:
     """The record's account of why no variant met all targets (the chosen one is row ``k``)."""
     attack_target, auc_target = TARGETS[1], TARGETS[2]
+    record = record[[not again for again in remeasured(record)]]  # the variants tried
     weakest = record[_attack(record)].min(axis=1)
     auc = record["auc_abs_mean"]
     lever = levers(record)
@@ -201,21 +232,72 @@ def _why_missed(record: pd.DataFrame, row: pd.Series, k: int, se: float) -> str:
         f"still rose to {auc[fainter].max():.1f}). A dense map finds the patch as well as the "
         f"network relies on it, and attack success measures that reliance. Variant {k + 1} is the "
         f"closest: it meets the other three, and its dense AUC is "
-        f"{row['auc_abs_mean'] - auc_target.high:.1f} points above the bound, little more than "
-        f"one standard error of a 100-sample mean of the dense AUC ({se:.2f} points on the cpu "
-        f"model).")
+        f"{row['auc_abs_mean'] - auc_target.high:.1f} points above the bound"
+        + ("." if se is None else
+           f", {(row['auc_abs_mean'] - auc_target.high) / se:.1f} standard errors of a "
+           f"{int(row['samples'])}-sample mean of the dense AUC ({se:.2f} points on the cpu "
+           f"model)."))
 
 
-def summary(record: pd.DataFrame, cfg: Config, se: float = CPU_DENSE_AUC_SE) -> str | None:
+def _remeasure_sentence(record: pd.DataFrame, rows: Sequence[int]) -> str:
+    if not rows:
+        return ""
+    j = rows[-1]
+    row = record.iloc[j]
+    attack = row[_attack(record)]
+    return (f" Variant {j + 1} is the same configuration measured again on the model as this "
+            f"book trains it now (its note says how): clean accuracy {row['clean_accuracy']:.1f}%, "
+            f"attack success {attack.min():.1f}-{attack.max():.1f}%, dense AUC "
+            f"{row['auc_abs_mean']:.1f} +- {row[SE_COLUMN]:.2f}, "
+            f"{row['train_seconds'] / 60:.1f} min of training" + _met(record, j) + ".")
+
+
+def _met(record: pd.DataFrame, j: int) -> str:
+    ok = verdicts(record).iloc[j]
+    met, missed = list(ok[ok].index), list(ok[~ok].index)
+    return "".join(f"; it {word}: {', '.join(names)}" for word, names
+                   in (("meets", met), ("misses", missed)) if names)
+
+
+def reference_sentence(record: pd.DataFrame, cfg: Config, reference: str = "plain") -> str:
+    """The Markdown sentences comparing the dense AUC of the ``reference`` preset's record with
+    the latest measurement of the preset ``cfg`` in ``record`` (difference read at one standard
+    error of the difference)."""
+    ref, ref_se = reference_auc(reference)
+    rows = record[chosen(record, cfg)]
+    own, own_se = float(rows["auc_abs_mean"].iloc[-1]), float(rows[SE_COLUMN].iloc[-1])
+    diff, se = ref - own, math.hypot(ref_se, own_se)
+    text = (f"On plain Fashion-MNIST with a coloured patch (the `{reference}` preset: gray items "
+            f"on black, the patch the only colour in the image) the dense mean AUC is "
+            f"{ref:.1f} +- {ref_se:.1f} (`params/{reference}-calibration.csv`); on the "
+            f"`{cfg.name}` model it is {own:.1f} +- {own_se:.1f}. ")
+    if diff > se:
+        return text + (f"Dense maps find the patch better on the plain images ({diff:+.1f} "
+                       f"points), which leaves SPADE less room there.")
+    where = ("The two are within one standard error of each other" if abs(diff) <= se
+             else "It is lower on the plain images")
+    return text + (f"{where} ({diff:+.1f} points): the plain images do not leave dense maps less "
+                   f"room, so room for SPADE is not why photos are used.")
+
+
+def summary(record: pd.DataFrame, cfg: Config, se: float | None = None) -> str | None:
     """The Markdown sentence on the variant that is the preset ``cfg``: its numbers and the
     targets it meets or misses (with the record's account of why); None if no variant is it.
 
-    ``se``: the standard error of the dense AUC mean the miss is read against (AUC points).
+    ``se``: the standard error (AUC points) of the dense AUC mean the miss is read against;
+    default: the latest :data:`SE_COLUMN` value recorded for the preset's keys (omitted if none).
+    Rows that re-measure the preset (:func:`remeasured`) are reported after it.
     """
-    picks = chosen(record, cfg)
+    if SE_COLUMN not in record.columns:
+        record = record.assign(**{SE_COLUMN: float("nan")})
+    picks, again = chosen(record, cfg), remeasured(record)
     if not any(picks):
         return None
     k = picks.index(True)
+    later = [j for j in range(len(record)) if picks[j] and again[j]]
+    if se is None:
+        known = record[SE_COLUMN][[j for j in range(len(record)) if picks[j]]].dropna()
+        se = float(known.iloc[-1]) if len(known) else None
     missed = [name for name, ok in verdicts(record).iloc[k].items() if not ok]
     row = record.iloc[k]
     attack = row[_attack(record)]
@@ -223,8 +305,9 @@ def summary(record: pd.DataFrame, cfg: Config, se: float = CPU_DENSE_AUC_SE) -> 
             f"attack success {attack.min():.1f}-{attack.max():.1f}%, dense AUC "
             f"{row['auc_abs_mean']:.1f}, {row['train_seconds'] / 60:.1f} min of training. ")
     if not missed:
-        return head + "It meets all four targets."
-    return head + f"**It misses: {', '.join(missed)}.** " + _why_missed(record, row, k, se)
+        return head + "It meets all four targets." + _remeasure_sentence(record, later)
+    return (head + f"**It misses: {', '.join(missed)}.** " + _why_missed(record, row, k, se)
+            + _remeasure_sentence(record, later))
 
 
 def record_row(cfg: Config, overrides: Mapping[str, Any], note: str, train_seconds: float,
@@ -256,5 +339,7 @@ def record_row(cfg: Config, overrides: Mapping[str, Any], note: str, train_secon
         row[f"auc_abs_{method}"] = round(100 * rows["auc_abs"].mean(), 2)
         row[f"auc_sum_{method}"] = round(100 * rows["auc_sum"].mean(), 2)
     row["auc_abs_mean"] = round(100 * dense.groupby("method")["auc_abs"].mean().mean(), 2)
+    per_sample = dense.groupby("sample")["auc_abs"].mean()
+    row[SE_COLUMN] = round(100 * float(per_sample.std(ddof=1)) / len(per_sample) ** 0.5, 2)
     row["dense_eval_seconds"] = round(dense_seconds, 1)
     return row
