@@ -57,11 +57,11 @@ from spade_lib.models import device_of, fingerprint
 from spade_lib.schedules import check_sparsity
 
 __all__ = [
-    "PAPER_ARCHITECTURE", "PAPER_F15", "PHASES", "RESULTS_DIR", "ROW_BUDGET", "SOLVERS",
-    "SWEEP_SPARSITIES", "BenchResults", "CostRun", "Line", "Slope", "extrapolate",
-    "f15_sentence", "fit_line", "fit_slope", "machine", "machine_sentence", "paper_table", "read_results", "results_file",
-    "slopes", "solver_seconds", "sparse_fc_timing", "spade_timings", "sweep", "sweep_values",
-    "table_f15", "write_results",
+    "F15_COLUMNS", "LAYER_COLUMNS", "PAPER_ARCHITECTURE", "PAPER_F15", "PHASES", "RESULTS_DIR",
+    "ROW_BUDGET", "SOLVERS", "SWEEPS", "SWEEP_COLUMNS", "SWEEP_SPARSITIES", "BenchResults",
+    "CostRun", "Line", "Slope", "extrapolate", "f15_sentence", "fit_line", "fit_slope", "machine",
+    "machine_sentence", "paper_table", "read_results", "results_file", "slopes", "solver_seconds",
+    "sparse_fc_timing", "spade_timings", "sweep", "sweep_values", "table_f15", "write_results",
 ]
 
 COST_FORMAT = 1
