@@ -40,7 +40,7 @@ import time
 import pandas as pd
 import torch
 
-from spade_lib import config, cost, hessians, schedules
+from spade_lib import config, cost, hessians, pruning, schedules
 from spade_lib.augment import augmented_batches
 from spade_lib.models import build_model, count_parameters
 from spade_lib.trace import trace
@@ -68,19 +68,23 @@ def _photo(size: int) -> torch.Tensor:
 
 
 def _obc_check(model: torch.nn.Module, stats: dict, budget: float) -> dict | None:
-    """Time one OBC layer whole and with the rows ``budget`` allows; ``None`` if no layer needs
-    scaling or would take more than 20x the budget whole."""
+    """One OBC layer that :func:`spade_lib.cost.solver_seconds` scales from ``k`` rows, timed
+    three ways: scaled from ``k`` rows, whole in batches of ``k`` rows (what the scaling stands
+    for) and whole in OBC's default batches (what a trace runs). ``None`` if no layer is scaled
+    or one would take more than 20x the budget whole."""
     modules = dict(model.named_modules())
     for name, h in stats.items():
-        w = modules[name].weight
+        w = modules[name].weight.detach()
         rows, n = w.shape[0], w[0].numel()
         k = max(1, int(budget // n**3))
         if k < rows and rows * n**3 <= 20 * budget:
-            whole = cost.solver_seconds(model, {name: h}, {name: SPARSITY}, "obc", None)
-            part = cost.solver_seconds(model, {name: h}, {name: SPARSITY}, "obc", budget)
-            return {"layer": name, "shape": tuple(w.shape), "rows_timed": int(part.rows_timed[0]),
-                    "whole_seconds": float(whole.seconds[0]),
-                    "scaled_seconds": float(part.seconds[0])}
+            scaled = cost.solver_seconds(model, {name: h}, {name: SPARSITY}, "obc", budget)
+            _, batched = pruning.prune_layer(w, h, SPARSITY, "obc", batch_bytes=k * n * n * 4)
+            _, default = pruning.prune_layer(w, h, SPARSITY, "obc")
+            return {"layer": name, "shape": str(tuple(w.shape)), "rows_timed": k,
+                    "scaled_seconds": float(scaled.seconds[0]),
+                    "whole_seconds": batched.seconds,
+                    "default_batches_seconds": default.seconds}
     return None
 
 
@@ -146,9 +150,11 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     print("\nbaseline: OBC's solver time against FastOBC's (median over the counts above)")
     print(solvers_df.to_string(index=False, float_format="{:.3f}".format))
     for c in checks:
-        print(f"\nOBC scaling check on {c['model']} {c['layer']} {c['shape']}: whole layer "
-              f"{c['whole_seconds']:.2f} s, scaled from {c['rows_timed']} rows "
-              f"{c['scaled_seconds']:.2f} s ({c['scaled_seconds'] / c['whole_seconds']:.2f}x)")
+        print(f"\nOBC scaling check on {c['model']} {c['layer']} {c['shape']}: scaled from "
+              f"{c['rows_timed']} rows {c['scaled_seconds']:.2f} s; whole layer in batches of "
+              f"{c['rows_timed']} rows {c['whole_seconds']:.2f} s "
+              f"({c['scaled_seconds'] / c['whole_seconds']:.2f}x); whole layer in OBC's default "
+              f"batches {c['default_batches_seconds']:.2f} s")
     if args.out:
         command = shlex.join(["python", "benchmarks/bench_cost.py", *(argv or sys.argv[1:])])
         path = cost.write_results(args.out, traces_df, solvers_df, device, command,

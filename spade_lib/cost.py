@@ -59,8 +59,9 @@ from spade_lib.schedules import check_sparsity
 __all__ = [
     "F15_COLUMNS", "LAYER_COLUMNS", "PAPER_ARCHITECTURE", "PAPER_F15", "PHASES", "RESULTS_DIR",
     "ROW_BUDGET", "SOLVERS", "SWEEPS", "SWEEP_COLUMNS", "SWEEP_SPARSITIES", "BenchResults",
-    "CostRun", "Line", "Slope", "extrapolate", "f15_sentence", "fit_line", "fit_slope", "machine",
-    "machine_sentence", "paper_table", "read_results", "results_file", "slopes", "solver_seconds",
+    "CostRun", "Line", "Slope", "bench_note", "extrapolate", "f15_sentence", "f15_view", "fit_line",
+    "fit_slope", "layer_comparison", "machine", "machine_sentence", "paper_table", "phase_means",
+    "plot_loglog", "read_results", "results_file", "size_table", "slopes", "solver_seconds",
     "sparse_fc_timing", "spade_timings", "sweep", "sweep_values", "table_f15", "write_results",
 ]
 
@@ -198,9 +199,14 @@ def solver_seconds(model: nn.Module, layer_hessians: Mapping[str, Tensor],
 
     The solvers' work depends on the layer's shape, not on its values (OBC's greedy pass always
     runs every row to the end), so layers of equal shape share one timing (``timed_as`` names the
-    layer timed). Where ``rows * n^3`` (OBC's work; ``n`` = inputs per row) exceeds
-    ``row_budget``, only the first ``k = max(1, row_budget // n^3)`` rows are pruned (each OBC
-    row is solved on its own) and the time is scaled by ``rows / k``.
+    layer timed). For OBC, where ``rows * n^3`` (its work; ``n`` = inputs per row) exceeds
+    ``row_budget``, only the first ``k = max(1, row_budget // n^3)`` rows are pruned and the time
+    is scaled by ``rows / k``. That scaling is exact for OBC run in batches of ``k`` rows (each
+    row is solved on its own, and batches run one after another), so such a layer is timed with
+    ``batch_bytes`` set to ``k`` rows' inverse Hessians: the time is that of OBC in batches of
+    ``k`` rows, not of its default batches (``batch_bytes``, 256 MiB on a CPU), whose time per
+    row differs with the cache (``benchmarks/bench_cost.py`` compares the two). Other solvers are
+    always timed on every row (FastOBC factors one Hessian for the whole layer).
 
     Parameters
     ----------
@@ -213,9 +219,9 @@ def solver_seconds(model: nn.Module, layer_hessians: Mapping[str, Tensor],
     solver
         A name of :data:`spade_lib.pruning.SOLVERS`.
     row_budget
-        Work units timed per shape at most; ``None`` times every row of every shape.
+        OBC work units timed per shape at most; ``None`` times every row of every shape.
     progress
-        Show a progress bar over shapes.
+        Show a progress bar over layers.
 
     Returns
     -------
@@ -237,8 +243,11 @@ def solver_seconds(model: nn.Module, layer_hessians: Mapping[str, Tensor],
         shape = tuple(weight.shape)
         n_rows, n = shape[0], math.prod(shape[1:])
         if shape not in timed:
-            k = n_rows if row_budget is None else min(n_rows, max(1, int(row_budget // n**3)))
-            _, info = pruning.prune_layer(weight[:k], layer_hessians[name], targets[name], solver)
+            k = n_rows if row_budget is None or solver != "obc" else min(
+                n_rows, max(1, int(row_budget // n**3)))
+            h = layer_hessians[name]
+            options = {} if k == n_rows else {"batch_bytes": k * n * n * max(4, h.element_size())}
+            _, info = pruning.prune_layer(weight[:k], h, targets[name], solver, **options)
             timed[shape] = {"rows_timed": k, "timed_seconds": info.seconds,
                             "seconds": info.seconds * n_rows / k, "timed_as": name}
         rows.append({"layer": name, "shape": shape, "rows": n_rows, "columns": n,
@@ -425,7 +434,7 @@ def sparse_fc_timing(cfg: Config, model: nn.Module, refit: bool = False,
 # --------------------------------------------------------------------------------------------
 
 F15_COLUMNS = ("paper_architecture", "solver", "n", "seconds", "se", "sparse_fc_seconds",
-               "ratio", "ratio_se", "break_even", "paper_ratio")
+               "sparse_fc_loaded", "ratio", "ratio_se", "break_even", "paper_ratio")
 """Columns of :func:`table_f15`."""
 
 
@@ -448,7 +457,8 @@ def table_f15(runs: Mapping[str, tuple[CostRun, Mapping[str, Any]]]) -> pd.DataF
     pandas.DataFrame
         Indexed by ``(model, solver label)``; columns :data:`F15_COLUMNS`: the Table F.15 row it
         stands in for, samples ``n``, mean seconds and its standard error over samples, Sparse
-        FC's seconds (one fit), ``ratio`` = SPADE / Sparse FC with ``ratio_se`` (SPADE's error
+        FC's seconds (one fit; ``sparse_fc_loaded``: recorded when a cached fit was made),
+        ``ratio`` = SPADE / Sparse FC with ``ratio_se`` (SPADE's error
         only: the fit is measured once), ``break_even`` = 1 / ratio and the paper's ratio for
         that architecture (its SPADE is OBC).
     """
@@ -465,6 +475,7 @@ def table_f15(runs: Mapping[str, tuple[CostRun, Mapping[str, Any]]]) -> pd.DataF
                                                           "fastobc": "SPADE (FastOBC)"}[solver],
                          "paper_architecture": PAPER_ARCHITECTURE.get(arch), "solver": solver,
                          "n": len(first), "seconds": mean, "se": se, "sparse_fc_seconds": fc,
+                         "sparse_fc_loaded": bool(sparse.get("loaded", False)),
                          "ratio": ratio, "ratio_se": se / fc if fc > 0 else math.nan,
                          "break_even": 1 / ratio if ratio > 0 else math.nan,
                          "paper_ratio": paper["ratio"].get(PAPER_ARCHITECTURE.get(arch),
@@ -506,6 +517,82 @@ def f15_sentence(table: pd.DataFrame) -> str:
             f"in the paper's range on {inside['holds']}, outside on {inside['fails']}, "
             f"inconclusive on {inside['inconclusive']} (one standard error).")
     return " ".join(lines)
+
+
+def f15_view(table: pd.DataFrame) -> pd.io.formats.style.Styler:
+    """:func:`table_f15` as the book prints it, the paper's row beside each of ours: seconds with
+    standard error and ``n``, Sparse FC's seconds, the ratio in % and the break-even count."""
+    paper = paper_table()
+    arch = table["paper_architecture"]
+    out = pd.DataFrame({
+        ("ours", "SPADE (s)"): table["seconds"], ("ours", "+- se"): table["se"],
+        ("ours", "n"): table["n"], ("ours", "Sparse FC (s)"): table["sparse_fc_seconds"],
+        ("ours", "SPADE / Sparse FC (%)"): 100 * table["ratio"],
+        ("ours", "+- se (%)"): 100 * table["ratio_se"],
+        ("ours", "break-even samples"): table["break_even"],
+        ("paper", "row"): arch,
+        ("paper", "SPADE (min)"): arch.map(paper["spade_seconds"] / 60).to_numpy(),
+        ("paper", "Sparse FC (h)"): arch.map(paper["sparse_fc_seconds"] / 3600).to_numpy(),
+        ("paper", "SPADE / Sparse FC (%)"): 100 * table["paper_ratio"],
+        ("paper", "break-even samples"): 1 / table["paper_ratio"],
+    })
+    numbers = [c for c in out.columns if c not in (("paper", "row"), ("ours", "n"))]
+    return out.style.format("{:.3g}", subset=numbers).format(
+        "{:.0f}", subset=[("ours", "n")]).set_caption(
+        "Time to the first interpretation: SPADE (mean over samples +- standard error) and the "
+        "Sparse FC fit (one fit); break-even = how many samples SPADE explains in Sparse FC's "
+        "time. The paper's SPADE is OBC, on a GPU (Table F.15).")
+
+
+def phase_means(runs: Mapping[str, CostRun]) -> pd.DataFrame:
+    """Mean seconds of each of :data:`PHASES` per model and solver (label -> run)."""
+    frames = [run.samples.assign(model=label) for label, run in runs.items()]
+    out = pd.concat(frames).groupby(["model", "solver"], sort=False)[list(PHASES)].mean()
+    out["n"] = pd.concat(frames).groupby(["model", "solver"], sort=False).size()
+    return out
+
+
+def layer_comparison(run: CostRun) -> pd.DataFrame:
+    """Per pruned layer: shape, inputs per row, FastOBC's and OBC's seconds, the rows OBC was
+    timed on, and OBC / FastOBC."""
+    layers = run.layers.set_index(["solver", "layer"])
+    fast, obc = layers.loc["fastobc"], layers.loc["obc"]
+    out = pd.DataFrame({"shape": obc["shape"].map(str), "inputs per row": obc["columns"],
+                        "FastOBC (s)": fast["seconds"], "OBC (s)": obc["seconds"],
+                        "OBC rows timed": obc["rows_timed"].astype(str) + " of "
+                        + obc["rows"].astype(str), "timed as": obc["timed_as"]})
+    out["OBC / FastOBC"] = out["OBC (s)"] / out["FastOBC (s)"]
+    return out
+
+
+def size_table(bench: BenchResults, at: int = 1024) -> pd.DataFrame:
+    """Per model of a benchmark run: parameters, prunable weights, layers, FastOBC's solver
+    seconds (median over the augmentation counts; it does not depend on them), the Hessian and
+    augmentation seconds as a line in the count (:func:`fit_line`: ``fixed`` + ``per view``),
+    and the trace carried to ``at`` augmentations along that line (``measured up to`` says how
+    far it was measured)."""
+    t = bench.traces.assign(views=bench.traces["augment"] + bench.traces["hessians"])
+    about = t.groupby("model", sort=False)[["arch", "image_size", "parameters", "weights",
+                                            "layers"]].first()
+    about["solve (s)"] = t.groupby("model", sort=False)["solve"].median()
+    line = extrapolate(t, "n_augmentations", "views", at, "model")
+    about["measured up to"] = line["measured up to"].astype(int)
+    about["views fixed (s)"] = line["fixed"]
+    about["per view (s)"] = line["per unit"]
+    about[f"trace at {at} (s)"] = line[f"at {at:g}"] + about["solve (s)"]
+    return about
+
+
+def plot_loglog(ax: Any, x: Sequence[float], y: Sequence[float], label: str,
+                **style: Any) -> Slope:
+    """Points ``(x, y)`` on log-log axes with their fitted line (:func:`fit_slope`), labelled
+    with the slope and its standard error; returns the fit."""
+    s = fit_slope(x, y)
+    points = ax.loglog(x, y, "o", label=f"{label}: slope {s.slope:.2f} +- {s.se:.2f}", **style)
+    if s.n >= 2:
+        grid = np.geomspace(min(x), max(x), 20)
+        ax.loglog(grid, [s.predict(g) for g in grid], "-", color=points[0].get_color(), lw=1)
+    return s
 
 
 # --------------------------------------------------------------------------------------------
@@ -747,6 +834,22 @@ def write_results(path: str | os.PathLike, traces: pd.DataFrame, solvers: pd.Dat
         "solvers": solvers.to_dict("records"), "checks": [dict(c) for c in checks],
     }, indent=1, default=str).encode()
     return atomic_write(path, lambda fh: fh.write(blob))
+
+
+def bench_note(kind: str) -> tuple[BenchResults | None, str]:
+    """The ``kind`` (``"cpu"`` or ``"gpu"``) results file of the benchmark and the sentence that
+    introduces it: device, date, machine and command; or, when there is no file, ``None`` and a
+    sentence that says so plainly."""
+    path = results_file(kind)
+    bench = read_results(path)
+    name = kind.upper()
+    if bench is None:
+        return None, (f"**No {name} results file exists** (`benchmarks/results/{path.name}`): "
+                      f"no {name} run of `benchmarks/bench_cost.py` has been recorded, so no "
+                      f"{name} figures are shown.")
+    return bench, (f"{name} results (`benchmarks/results/{path.name}`): device "
+                   f"**{bench.device}**, measured {bench.date} on "
+                   f"{machine_sentence(bench.machine)}; command `{bench.command}`.")
 
 
 def read_results(path: str | os.PathLike) -> BenchResults | None:

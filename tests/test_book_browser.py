@@ -124,11 +124,13 @@ def _page(failed: list[str]) -> Iterator:
 
 
 def test_every_chapter_is_built(site: Path) -> None:
-    for name in ("saliency_methods", "additional_results", "hyperparameters"):
+    for name in ("saliency_methods", "additional_results", "hyperparameters",
+                 "computational_cost"):
         page = (site / f"{name}.html").read_text()
         assert "Traceback" not in page, name
     assert "Table B.2" in (site / "additional_results.html").read_text()
     assert "Table A.1" in (site / "saliency_methods.html").read_text()
+    assert "Table F.15" in (site / "computational_cost.html").read_text()
 
 
 def test_map_browser_reacts_to_sample_and_method(server: str) -> None:

@@ -130,13 +130,18 @@ def _spd(n: int, seed: int) -> torch.Tensor:
     return 2 * x.T @ x / x.shape[0]
 
 
-def test_solver_seconds_times_each_shape_once_and_scales_rows(tiny: torch.nn.Module) -> None:
+def test_solver_seconds_times_each_shape_once_and_scales_rows(tiny: torch.nn.Module,
+                                                             monkeypatch) -> None:
     tiny.conv3 = torch.nn.Conv2d(12, 12, 3, padding=1)       # same shape as conv2
     names = ["conv", "conv2", "conv3", "fc"]
     modules = dict(tiny.named_modules())
     stats = {k: _spd(modules[k].weight[0].numel(), i) for i, k in enumerate(names)}
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     budget = 2 * 108**3 + 1                                     # conv2/conv3: n = 108, 12 rows
+    calls = []
+    real = cost.pruning.prune_layer
+    monkeypatch.setattr(cost.pruning, "prune_layer", lambda w, h, s, m, **o: (
+        calls.append((tuple(w.shape), o)), real(w, h, s, m, **o))[1])
     out = cost.solver_seconds(tiny, stats, dict.fromkeys(names, 0.5), "obc", budget)
     assert list(out.columns) == list(cost.LAYER_COLUMNS)
     by = out.set_index("layer")
@@ -147,6 +152,11 @@ def test_solver_seconds_times_each_shape_once_and_scales_rows(tiny: torch.nn.Mod
     assert by.loc["conv", "rows_timed"] == 6                    # n = 72: budget // 72^3 = 6
     assert by.loc["conv", "seconds"] == pytest.approx(2 * by.loc["conv", "timed_seconds"])
     assert by.loc["fc", "rows_timed"] == 5
+    # one call per shape; a scaled layer runs in batches of the rows timed (float32: 4 bytes)
+    assert calls == [((6, 8, 3, 3), {"batch_bytes": 6 * 72 * 72 * 4}),
+                     ((2, 12, 3, 3), {"batch_bytes": 2 * 108 * 108 * 4}), ((5, 12), {})]
+    fast = cost.solver_seconds(tiny, stats, dict.fromkeys(names, 0.5), "fastobc", budget)
+    assert (fast["rows_timed"] == fast["rows"]).all()           # no row scaling for FastOBC
     whole = cost.solver_seconds(tiny, stats, dict.fromkeys(names, 0.5), "obc", None)
     assert (whole["rows_timed"] == whole["rows"]).all()
     assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
