@@ -36,6 +36,7 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -156,7 +157,8 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
               f"({c['scaled_seconds'] / c['whole_seconds']:.2f}x); whole layer in OBC's default "
               f"batches {c['default_batches_seconds']:.2f} s")
     if args.out:
-        command = shlex.join(["python", "benchmarks/bench_cost.py", *(argv or sys.argv[1:])])
+        script = os.path.relpath(__file__, Path(__file__).resolve().parents[1])
+        command = shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
         path = cost.write_results(args.out, traces_df, solvers_df, device, command,
                                   checks=checks)
         print(f"\nwrote {path}")

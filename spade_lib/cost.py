@@ -55,6 +55,7 @@ from spade_lib.config import Config
 from spade_lib.files import atomic_write
 from spade_lib.models import device_of, fingerprint
 from spade_lib.schedules import check_sparsity
+from spade_lib.trace import Trace, trace
 
 __all__ = [
     "F15_COLUMNS", "LAYER_COLUMNS", "PAPER_ARCHITECTURE", "PAPER_F15", "PHASES", "RESULTS_DIR",
@@ -286,9 +287,10 @@ class CostRun:
 
 
 def _trace_for_timing(cfg: Config, model: nn.Module, image: Tensor, seed: int,
-                      sparsity: Any = None, n_augmentations: int | None = None):
+                      sparsity: Any = None, n_augmentations: int | None = None) -> Trace:
+    """A FastOBC trace as the evaluation runner makes it (``cfg``'s schedule, augmentations and
+    batch size unless given)."""
     from spade_lib.results import TRACE_BATCH
-    from spade_lib.trace import trace
 
     return trace(model, image, sparsity=cfg.sparsity if sparsity is None else sparsity,
                  pruner="fastobc", recipe=cfg.augment, batch_size=TRACE_BATCH, seed=seed,
@@ -331,7 +333,8 @@ def spade_timings(cfg: Config, model: nn.Module, samples: int = 3, method: str |
     ``method`` on the pruned copy. The OBC rows reuse each sample's augmentation, Hessian and map
     times (they do not depend on the solver: the pruned copy is stored dense) with OBC's solver
     time on the first sample's Hessians (:func:`solver_seconds`, ``row_budget``) in place of
-    FastOBC's.
+    FastOBC's. One untimed trace and map of the first sample come first: the first call of a
+    process pays for set-up (kernel choice, allocations) that later calls do not.
 
     Parameters
     ----------
@@ -485,6 +488,15 @@ def table_f15(runs: Mapping[str, tuple[CostRun, Mapping[str, Any]]]) -> pd.DataF
     return out[list(F15_COLUMNS)]
 
 
+def _percent(x: float) -> str:
+    """``x`` in percent with three significant digits, without an exponent."""
+    if math.isnan(x):
+        return "nan%"
+    p = 100 * x
+    digits = 0 if p == 0 else max(0, 2 - math.floor(math.log10(abs(p))))
+    return f"{p:.{digits}f}%"
+
+
 def f15_sentence(table: pd.DataFrame) -> str:
     """The paper's claim from Table F.15 and the verdicts on it, computed from ``table``
     (:func:`table_f15`).
@@ -505,7 +517,7 @@ def f15_sentence(table: pd.DataFrame) -> str:
         ratio, se = float(row["ratio"]), float(row["ratio_se"])
         sooner.setdefault(label, []).append(tables.range_verdict(ratio, se, 0.0, 1.0))
         within.setdefault(label, []).append(tables.range_verdict(ratio, se, low, high))
-        parts.append(f"{model}, {label}: {100 * ratio:.3g}% +- {100 * se:.2g}%")
+        parts.append(f"{model}, {label}: {_percent(ratio)} +- {_percent(se)}")
     lines = [start, "Here: " + "; ".join(parts) + "."]
     for label in sooner:
         n = len(sooner[label])
