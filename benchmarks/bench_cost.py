@@ -4,7 +4,9 @@ For each model (default: the ``cpu`` preset's three small networks at 32 px and 
 ResNet50, MobileNetV2 and ConvNeXt-T at 224 px, all with random weights, so nothing is trained or
 downloaded), one SPADE trace of a photo per augmentation count, every default layer pruned to 0.9
 with FastOBC, timed by phase (augmentations, Hessians, solver). The solver's time does not depend
-on the augmentation count, so each count also repeats the solver's measurement.
+on the augmentation count, so each count also repeats the solver's measurement. Each row records
+the machine's load average (1 min) when its trace started: on a shared machine it explains much
+of the spread.
 
 The baseline, in the same run: exact OBC's solver time on the same layers with the Hessians of
 the smallest count (:func:`spade_lib.cost.solver_seconds`: each layer shape timed once, on a
@@ -124,14 +126,15 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
                  "layers": len(layers)}
         trace(model, image, sparsity=SPARSITY, n_augmentations=counts[0], batch_size=BATCH)
         for n in counts:
-            start = time.perf_counter()
+            start, load = time.perf_counter(), os.getloadavg()[0]
             tr = trace(model, image, sparsity=SPARSITY, n_augmentations=n, batch_size=BATCH)
-            traces.append({**about, "n_augmentations": n, **tr.timings})
+            traces.append({**about, "n_augmentations": n, **tr.timings, "load": load})
             print(f"  {name}: {n} augmentations, {time.perf_counter() - start:.1f} s", flush=True)
         widest = max(dict(model.named_modules())[x].weight[0].numel() for x in layers)
         fast = float(pd.DataFrame(traces[-len(counts):])["solve"].median())
         row = {"model": name, "fastobc_seconds": fast, "obc_seconds": float("nan"),
-               "obc_timed_share": float("nan"), "widest_row": widest}
+               "obc_timed_share": float("nan"), "widest_row": widest,
+               "row_budget": args.row_budget}
         if widest <= args.obc_max_columns:
             views = augmented_batches(image, counts[0], "default", 0, BATCH)
             stats = hessians.layer_hessians(model, views, layers)
