@@ -125,12 +125,13 @@ def _page(failed: list[str]) -> Iterator:
 
 def test_every_chapter_is_built(site: Path) -> None:
     for name in ("saliency_methods", "additional_results", "hyperparameters", "gradient_noise",
-                 "fidelity", "mask_agreement"):
+                 "computational_cost", "fidelity", "mask_agreement"):
         page = (site / f"{name}.html").read_text()
         assert "Traceback" not in page, name
     assert "Table B.2" in (site / "additional_results.html").read_text()
     assert "Table A.1" in (site / "saliency_methods.html").read_text()
     assert "Figure E.5" in (site / "gradient_noise.html").read_text()
+    assert "Table F.15" in (site / "computational_cost.html").read_text()
     assert "Table J.18" in (site / "fidelity.html").read_text()
     assert "Figure K.11" in (site / "mask_agreement.html").read_text()
 
