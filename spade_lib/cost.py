@@ -1,12 +1,9 @@
-"""Computational cost (Appendix F): the time to the first interpretation, and how SPADE's grows.
+"""Computational cost (Appendix F): measuring the time to the first interpretation and its growth.
 
 Table F.15 of the paper gives, per architecture, the time to "preprocess the dense model to
 interpret the first sample": SPADE's trace for one sample against the Sparse FC baseline's refit
-of the final layer (Wong et al. 2021), on GPUs (:data:`PAPER_F15`). Sparse FC is fitted once for
-all samples, SPADE once per sample, so the ratio of the two is also the number of samples SPADE
-explains in the time Sparse FC needs to explain its first (the *break-even* count).
-
-Here:
+of the final layer (Wong et al. 2021), on GPUs. This module measures; the table's layout, the
+verdict, the slope fits and the plots are in :mod:`spade_lib.cost_tables`.
 
 * :func:`spade_timings`: SPADE's time to the first interpretation on a preset's model, for both
   solvers: augmentations + Hessians + solver (:attr:`spade_lib.trace.Trace.timings`) plus one
@@ -16,12 +13,10 @@ Here:
   the row count (:func:`solver_seconds`; the table says how much was timed).
 * :func:`sparse_fc_timing`: the Sparse FC baseline's features and fit
   (:func:`spade_lib.baselines.sparse_fc`).
-* :func:`table_f15` / :func:`f15_sentence`: Table F.15's layout with the ratios and the verdict on
-  the paper's claim, computed from the numbers (:func:`spade_lib.tables.range_verdict`).
-* :func:`sweep` and :func:`fit_slope`: how the trace time grows with the number of augmentations
-  and the sparsity, with log-log slopes and their standard errors.
-* :func:`write_results` / :func:`read_results`: the results file of ``benchmarks/bench_cost.py``
-  (model size: the small networks and torchvision's at 224 px, on a CPU or a GPU).
+* :func:`sweep`: how the trace time grows with the number of augmentations and the sparsity.
+* :func:`write_results` / :func:`read_results` / :func:`bench_note`: the results file of
+  ``benchmarks/bench_cost.py`` (model size: the small networks and torchvision's at 224 px, on a
+  CPU or a GPU).
 
 Every measurement is cached under ``cfg.cache_path("cost", ...)`` by a hash of what determines it
 *and of the machine* (:func:`machine`): a rebuild on the same machine reads the numbers back, and
@@ -32,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import hashlib
 import json
 import math
 import os
@@ -42,50 +36,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from spade_lib import attribution, hessians, pruning, tables
+from spade_lib import attribution, hessians, pruning
 from spade_lib.augment import augmented_batches
 from spade_lib.checks import check_choice, check_positive_int
 from spade_lib.config import Config
 from spade_lib.files import atomic_write
 from spade_lib.models import device_of, fingerprint
 from spade_lib.schedules import check_sparsity
+from spade_lib.store import key_hash
 from spade_lib.trace import Trace, trace
 
 __all__ = [
-    "F15_COLUMNS", "LAYER_COLUMNS", "PAPER_ARCHITECTURE", "PAPER_F15", "PHASES", "RESULTS_DIR",
-    "ROW_BUDGET", "SOLVERS", "SWEEPS", "SWEEP_COLUMNS", "SWEEP_SPARSITIES", "BenchResults",
-    "CostRun", "Line", "Slope", "bench_note", "extrapolate", "f15_sentence", "f15_view", "fit_line",
-    "fit_slope", "layer_comparison", "machine", "machine_sentence", "paper_table", "phase_means",
-    "plot_loglog", "read_results", "results_file", "size_table", "slopes", "solver_seconds",
-    "sparse_fc_timing", "spade_timings", "sweep", "sweep_values", "table_f15", "write_results",
+    "LAYER_COLUMNS", "PHASES", "RESULTS_DIR", "ROW_BUDGET", "SOLVERS", "SWEEPS", "SWEEP_COLUMNS",
+    "SWEEP_SPARSITIES", "BenchResults", "CostRun", "bench_note", "machine", "machine_sentence",
+    "read_results", "results_file", "solver_seconds", "sparse_fc_timing", "spade_timings", "sweep",
+    "sweep_values", "write_results",
 ]
 
 COST_FORMAT = 1
 """Version of the cached records; part of every cache key."""
-
-PAPER_F15: tuple[dict[str, Any], ...] = (
-    {"architecture": "ResNet50", "gpu": "NVIDIA GeForce RTX 2080 Ti (12 G)",
-     "spade_minutes": 41.0, "sparse_fc_hours": 40.0},
-    {"architecture": "MobileNetV2", "gpu": "NVIDIA GeForce RTX 2080 Ti (12 G)",
-     "spade_minutes": 12.0, "sparse_fc_hours": 53.0},
-    {"architecture": "ConvNeXt-T", "gpu": "NVIDIA GeForce RTX 3090 (24 G)",
-     "spade_minutes": 46.0, "sparse_fc_hours": 21.0},
-)
-"""Table F.15 of the paper as printed: the time to prepare the first interpretation with SPADE
-(minutes) and with Sparse FC (hours), and the GPU it was measured on."""
-
-PAPER_ARCHITECTURE = {
-    "resnet18": "ResNet50", "resnet20": "ResNet50", "tv_resnet50": "ResNet50",
-    "mobilenetv2": "MobileNetV2", "tv_mobilenetv2": "MobileNetV2",
-    "convnext": "ConvNeXt-T", "tv_convnext_t": "ConvNeXt-T",
-}
-"""Our architecture -> the row of Table F.15 it stands in for."""
 
 SOLVERS = ("obc", "fastobc")
 """The solvers timed by :func:`spade_timings`: exact OBC (the paper's SPADE) and FastOBC."""
@@ -105,23 +79,6 @@ SWEEP_SPARSITIES = (0.5, 0.8, 0.95, 0.99)
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 """Where ``benchmarks/bench_cost.py`` writes its results files (``cost-cpu.json``,
 ``cost-gpu.json``) for the book to read."""
-
-
-# --------------------------------------------------------------------------------------------
-# The paper's table
-# --------------------------------------------------------------------------------------------
-
-def paper_table() -> pd.DataFrame:
-    """Table F.15 as data: per architecture the GPU, SPADE's and Sparse FC's seconds, their
-    ratio (SPADE / Sparse FC) and the break-even count (Sparse FC / SPADE: samples SPADE explains
-    in the time Sparse FC takes to its first)."""
-    rows = [{"architecture": r["architecture"], "gpu": r["gpu"],
-             "spade_seconds": 60 * r["spade_minutes"],
-             "sparse_fc_seconds": 3600 * r["sparse_fc_hours"]} for r in PAPER_F15]
-    out = pd.DataFrame(rows).set_index("architecture")
-    out["ratio"] = out["spade_seconds"] / out["sparse_fc_seconds"]
-    out["break_even"] = out["sparse_fc_seconds"] / out["spade_seconds"]
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,17 +115,13 @@ def machine_sentence(record: Mapping[str, Any]) -> str:
     return f"{record['gpu']} GPU; host {text}" if record.get("gpu") else text
 
 
-def _digest(spec: Mapping[str, Any]) -> str:
-    blob = json.dumps(spec, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
-
-
 def _cached(cfg: Config, kind: str, spec: Mapping[str, Any], compute: Callable[[], dict],
             cache: bool) -> tuple[dict, bool]:
     """``compute()`` (a JSON-able dict), kept in ``cost/{kind}-{key}.json`` where ``key`` hashes
     ``spec``, :data:`COST_FORMAT` and :func:`machine`. Returns ``(record, loaded)``."""
     here = machine(cfg.torch_device())
-    key = _digest({"kind": kind, "spec": spec, "machine": here, "format": COST_FORMAT})
+    # the first 12 of key_hash's digits: the names of the caches made before it was shared
+    key = key_hash({"kind": kind, "spec": spec, "machine": here, "format": COST_FORMAT})[:12]
     path = cfg.cache_path("cost", f"{kind}-{key}.json")
     if cache and path.is_file():
         try:
@@ -242,18 +195,24 @@ def solver_seconds(model: nn.Module, layer_hessians: Mapping[str, Tensor],
     for name in tqdm(targets, desc=f"{solver} per layer", disable=not progress):
         weight = modules[name].weight.detach()
         shape = tuple(weight.shape)
-        n_rows, n = shape[0], math.prod(shape[1:])
         if shape not in timed:
-            k = n_rows if row_budget is None or solver != "obc" else min(
-                n_rows, max(1, int(row_budget // n**3)))
-            h = layer_hessians[name]
-            options = {} if k == n_rows else {"batch_bytes": k * n * n * max(4, h.element_size())}
-            _, info = pruning.prune_layer(weight[:k], h, targets[name], solver, **options)
-            timed[shape] = {"rows_timed": k, "timed_seconds": info.seconds,
-                            "seconds": info.seconds * n_rows / k, "timed_as": name}
-        rows.append({"layer": name, "shape": shape, "rows": n_rows, "columns": n,
-                     "solver": solver, **timed[shape]})
+            timed[shape] = _time_shape(name, weight, layer_hessians[name], targets[name], solver,
+                                       row_budget)
+        rows.append({"layer": name, "shape": shape, "rows": shape[0],
+                     "columns": math.prod(shape[1:]), "solver": solver, **timed[shape]})
     return pd.DataFrame(rows, columns=list(LAYER_COLUMNS))
+
+
+def _time_shape(name: str, weight: Tensor, h: Tensor, sparsity: float, solver: str,
+                row_budget: float | None) -> dict[str, Any]:
+    """One layer pruned (its first ``k`` rows for OBC over ``row_budget``), seconds scaled."""
+    n_rows, n = weight.shape[0], math.prod(weight.shape[1:])
+    k = n_rows if row_budget is None or solver != "obc" else min(
+        n_rows, max(1, int(row_budget // n**3)))
+    options = {} if k == n_rows else {"batch_bytes": k * n * n * max(4, h.element_size())}
+    _, info = pruning.prune_layer(weight[:k], h, sparsity, solver, **options)
+    return {"rows_timed": k, "timed_seconds": info.seconds,
+            "seconds": info.seconds * n_rows / k, "timed_as": name}
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +314,6 @@ def spade_timings(cfg: Config, model: nn.Module, samples: int = 3, method: str |
     CostRun
     """
     from spade_lib.results import RESULT_KEYS
-    from spade_lib.samples import evaluation_samples, sample_seed
 
     samples = check_positive_int(samples, "samples")
     method = cfg.methods[0] if method is None else method
@@ -365,39 +323,7 @@ def spade_timings(cfg: Config, model: nn.Module, samples: int = 3, method: str |
             "row_budget": row_budget, "device": cfg.torch_device()}
 
     def compute() -> dict:
-        chosen = evaluation_samples(cfg, model)
-        _warm_up(cfg, model, chosen, method)
-        rows, layers = [], []
-        for position in tqdm(range(min(samples, len(chosen))), desc=f"{cfg.name}: samples",
-                             disable=not progress):
-            info = chosen.table.iloc[position]
-            sample, target = int(info["sample"]), int(info["target"])
-            image = chosen.poisoned.float_images([sample])[0]
-            seed = sample_seed(cfg.seed, sample)
-            tr = _trace_for_timing(cfg, model, image, seed)
-            attr = attribution.attribute(tr.model, image[None], target, method)
-            t = tr.timings
-            base = {"preset": cfg.name, "arch": cfg.arch, "sample": sample,
-                    "augment": t["augment"], "hessians": t["hessians"],
-                    "attribution": attr.seconds,
-                    "weights": int(tr.report["shape"].map(math.prod).sum())}
-            if position == 0:
-                targets = dict(zip(tr.report["layer"], tr.report["target"], strict=True))
-                stats = _sample_hessians(cfg, model, image, seed, list(targets))
-                obc = solver_seconds(model, stats, targets, "obc", row_budget, progress)
-                fast = obc.assign(solver="fastobc", rows_timed=obc["rows"],
-                                  timed_seconds=tr.report["seconds"].to_numpy(),
-                                  seconds=tr.report["seconds"].to_numpy(), timed_as=obc["layer"])
-                layers = [*fast.to_dict("records"), *obc.to_dict("records")]
-                obc_solve = float(obc["seconds"].sum())
-                obc_timed = float(obc.drop_duplicates("timed_as")["timed_seconds"].sum()
-                                  / obc.drop_duplicates("timed_as")["seconds"].sum())
-            for solver, solve, timed in (("obc", obc_solve, obc_timed),
-                                         ("fastobc", t["solve"], 1.0)):
-                trace_s = t["total"] - t["solve"] + solve
-                rows.append({**base, "solver": solver, "solve": solve, "trace": trace_s,
-                             "first": trace_s + attr.seconds, "solve_timed": timed})
-        return {"samples": rows, "layers": layers}
+        return _measure_spade(cfg, model, samples, method, row_budget, progress)
 
     record, loaded = _cached(cfg, "spade", spec, compute, cache)
     columns = ["preset", "arch", "solver", "sample", *PHASES, "solve_timed", "weights"]
@@ -406,6 +332,58 @@ def spade_timings(cfg: Config, model: nn.Module, samples: int = 3, method: str |
     layers["shape"] = layers["shape"].map(tuple)
     return CostRun(table, layers, {k: v for k, v in record.items()
                                    if k not in ("samples", "layers")}, loaded)
+
+
+def _measure_spade(cfg: Config, model: nn.Module, samples: int, method: str,
+                   row_budget: float | None, progress: bool) -> dict:
+    """The record of :func:`spade_timings`: one untimed warm-up, then each sample timed."""
+    from spade_lib.samples import evaluation_samples, sample_seed
+
+    chosen = evaluation_samples(cfg, model)
+    _warm_up(cfg, model, chosen, method)
+    rows, layers = [], []
+    for position in tqdm(range(min(samples, len(chosen))), desc=f"{cfg.name}: samples",
+                         disable=not progress):
+        info = chosen.table.iloc[position]
+        sample, target = int(info["sample"]), int(info["target"])
+        image = chosen.poisoned.float_images([sample])[0]
+        seed = sample_seed(cfg.seed, sample)
+        tr = _trace_for_timing(cfg, model, image, seed)
+        attr = attribution.attribute(tr.model, image[None], target, method)
+        if position == 0:
+            layers, obc_solve, obc_timed = _obc_layers(cfg, model, tr, image, seed, row_budget,
+                                                       progress)
+        rows += _sample_rows(cfg, tr, attr.seconds, sample, obc_solve, obc_timed)
+    return {"samples": rows, "layers": layers}
+
+
+def _obc_layers(cfg: Config, model: nn.Module, tr: Trace, image: Tensor, seed: int,
+                row_budget: float | None, progress: bool) -> tuple[list[dict], float, float]:
+    """Both solvers' per-layer rows on one sample, OBC's solver seconds and the share timed."""
+    targets = dict(zip(tr.report["layer"], tr.report["target"], strict=True))
+    stats = _sample_hessians(cfg, model, image, seed, list(targets))
+    obc = solver_seconds(model, stats, targets, "obc", row_budget, progress)
+    fast = obc.assign(solver="fastobc", rows_timed=obc["rows"],
+                      timed_seconds=tr.report["seconds"].to_numpy(),
+                      seconds=tr.report["seconds"].to_numpy(), timed_as=obc["layer"])
+    shapes = obc.drop_duplicates("timed_as")
+    return ([*fast.to_dict("records"), *obc.to_dict("records")], float(obc["seconds"].sum()),
+            float(shapes["timed_seconds"].sum() / shapes["seconds"].sum()))
+
+
+def _sample_rows(cfg: Config, tr: Trace, map_seconds: float, sample: int, obc_solve: float,
+                 obc_timed: float) -> list[dict]:
+    """One sample's OBC and FastOBC rows: its phases with each solver's time."""
+    t = tr.timings
+    base = {"preset": cfg.name, "arch": cfg.arch, "sample": sample,
+            "augment": t["augment"], "hessians": t["hessians"], "attribution": map_seconds,
+            "weights": int(tr.report["shape"].map(math.prod).sum())}
+    rows = []
+    for solver, solve, timed in (("obc", obc_solve, obc_timed), ("fastobc", t["solve"], 1.0)):
+        trace_s = t["total"] - t["solve"] + solve
+        rows.append({**base, "solver": solver, "solve": solve, "trace": trace_s,
+                     "first": trace_s + map_seconds, "solve_timed": timed})
+    return rows
 
 
 def sparse_fc_timing(cfg: Config, model: nn.Module, refit: bool = False,
@@ -430,182 +408,6 @@ def sparse_fc_timing(cfg: Config, model: nn.Module, refit: bool = False,
     return {"features": float(s["features"]), "fit": float(s["fit"]),
             "prepare": float(s["features"]) + float(s["fit"]),
             "loaded": bool(s.get("loaded", False))}
-
-
-# --------------------------------------------------------------------------------------------
-# Table F.15 and the verdict
-# --------------------------------------------------------------------------------------------
-
-F15_COLUMNS = ("paper_architecture", "solver", "n", "seconds", "se", "sparse_fc_seconds",
-               "sparse_fc_loaded", "ratio", "ratio_se", "break_even", "paper_ratio")
-"""Columns of :func:`table_f15`."""
-
-
-def _se(values: pd.Series) -> float:
-    v = values.dropna()
-    return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
-
-
-def table_f15(runs: Mapping[str, tuple[CostRun, Mapping[str, Any]]]) -> pd.DataFrame:
-    """Table F.15 for our models: per model and solver, SPADE's mean time to the first
-    interpretation against the Sparse FC baseline's.
-
-    Parameters
-    ----------
-    runs
-        Model label -> ``(spade_timings result, sparse_fc_timing result)``.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Indexed by ``(model, solver label)``; columns :data:`F15_COLUMNS`: the Table F.15 row it
-        stands in for, samples ``n``, mean seconds and its standard error over samples, Sparse
-        FC's seconds (one fit; ``sparse_fc_loaded``: recorded when a cached fit was made),
-        ``ratio`` = SPADE / Sparse FC with ``ratio_se`` (SPADE's error
-        only: the fit is measured once), ``break_even`` = 1 / ratio and the paper's ratio for
-        that architecture (its SPADE is OBC).
-    """
-    paper = paper_table()
-    rows = []
-    for label, (run, sparse) in runs.items():
-        arch = str(run.samples["arch"].iloc[0])
-        for solver in SOLVERS:
-            first = run.samples.loc[run.samples["solver"] == solver, "first"]
-            mean, se = float(first.mean()), _se(first)
-            fc = float(sparse["prepare"])
-            ratio = mean / fc if fc > 0 else math.nan
-            rows.append({"model": label, "solver_label": {"obc": "SPADE (OBC)",
-                                                          "fastobc": "SPADE (FastOBC)"}[solver],
-                         "paper_architecture": PAPER_ARCHITECTURE.get(arch), "solver": solver,
-                         "n": len(first), "seconds": mean, "se": se, "sparse_fc_seconds": fc,
-                         "sparse_fc_loaded": bool(sparse.get("loaded", False)),
-                         "ratio": ratio, "ratio_se": se / fc if fc > 0 else math.nan,
-                         "break_even": 1 / ratio if ratio > 0 else math.nan,
-                         "paper_ratio": paper["ratio"].get(PAPER_ARCHITECTURE.get(arch),
-                                                           math.nan)})
-    out = pd.DataFrame(rows).set_index(["model", "solver_label"])
-    out.index.names = ["model", "SPADE"]
-    return out[list(F15_COLUMNS)]
-
-
-def _percent(x: float) -> str:
-    """``x`` in percent with three significant digits, without an exponent."""
-    if math.isnan(x):
-        return "nan%"
-    p = 100 * x
-    digits = 0 if p == 0 else max(0, 2 - math.floor(math.log10(abs(p))))
-    return f"{p:.{digits}f}%"
-
-
-def f15_sentence(table: pd.DataFrame) -> str:
-    """The paper's claim from Table F.15 and the verdicts on it, computed from ``table``
-    (:func:`table_f15`).
-
-    Two questions per row, each by :func:`spade_lib.tables.range_verdict` at one standard error:
-    is SPADE's first interpretation ready before Sparse FC's (ratio in ``[0, 1]``), and is the
-    ratio within the paper's range of ratios (smallest to largest over its three rows)?
-    """
-    paper = paper_table()
-    low, high = float(paper["ratio"].min()), float(paper["ratio"].max())
-    start = (f"The paper (Table F.15, on GPUs) prepares SPADE's first interpretation in "
-             f"{paper['spade_seconds'].min() / 60:g}-{paper['spade_seconds'].max() / 60:g} "
-             f"minutes against {paper['sparse_fc_seconds'].min() / 3600:g}-"
-             f"{paper['sparse_fc_seconds'].max() / 3600:g} hours for Sparse FC: SPADE takes "
-             f"{100 * low:.2g}% to {100 * high:.2g}% of Sparse FC's time.")
-    parts, sooner, within = [], {}, {}
-    for (model, label), row in table.iterrows():
-        ratio, se = float(row["ratio"]), float(row["ratio_se"])
-        sooner.setdefault(label, []).append(tables.range_verdict(ratio, se, 0.0, 1.0))
-        within.setdefault(label, []).append(tables.range_verdict(ratio, se, low, high))
-        parts.append(f"{model}, {label}: {_percent(ratio)} +- {_percent(se)}")
-    lines = [start, "Here: " + "; ".join(parts) + "."]
-    for label in sooner:
-        n = len(sooner[label])
-        count = {v: sooner[label].count(v) for v in ("holds", "fails", "inconclusive")}
-        inside = {v: within[label].count(v) for v in ("holds", "fails", "inconclusive")}
-        lines.append(
-            f"**{label}**: ready before Sparse FC **holds** on {count['holds']} of {n} models, "
-            f"fails on {count['fails']}, inconclusive on {count['inconclusive']}; the ratio lies "
-            f"in the paper's range on {inside['holds']}, outside on {inside['fails']}, "
-            f"inconclusive on {inside['inconclusive']} (one standard error).")
-    return " ".join(lines)
-
-
-def f15_view(table: pd.DataFrame) -> pd.io.formats.style.Styler:
-    """:func:`table_f15` as the book prints it, the paper's row beside each of ours: seconds with
-    standard error and ``n``, Sparse FC's seconds, the ratio in % and the break-even count."""
-    paper = paper_table()
-    arch = table["paper_architecture"]
-    out = pd.DataFrame({
-        ("ours", "SPADE (s)"): table["seconds"], ("ours", "+- se"): table["se"],
-        ("ours", "n"): table["n"], ("ours", "Sparse FC (s)"): table["sparse_fc_seconds"],
-        ("ours", "SPADE / Sparse FC (%)"): 100 * table["ratio"],
-        ("ours", "+- se (%)"): 100 * table["ratio_se"],
-        ("ours", "break-even samples"): table["break_even"],
-        ("paper", "row"): arch,
-        ("paper", "SPADE (min)"): arch.map(paper["spade_seconds"] / 60).to_numpy(),
-        ("paper", "Sparse FC (h)"): arch.map(paper["sparse_fc_seconds"] / 3600).to_numpy(),
-        ("paper", "SPADE / Sparse FC (%)"): 100 * table["paper_ratio"],
-        ("paper", "break-even samples"): 1 / table["paper_ratio"],
-    })
-    numbers = [c for c in out.columns if c not in (("paper", "row"), ("ours", "n"))]
-    return out.style.format("{:.3g}", subset=numbers).format(
-        "{:.0f}", subset=[("ours", "n")]).set_caption(
-        "Time to the first interpretation: SPADE (mean over samples +- standard error) and the "
-        "Sparse FC fit (one fit); break-even = how many samples SPADE explains in Sparse FC's "
-        "time. The paper's SPADE is OBC, on a GPU (Table F.15).")
-
-
-def phase_means(runs: Mapping[str, CostRun]) -> pd.DataFrame:
-    """Mean seconds of each of :data:`PHASES` per model and solver (label -> run)."""
-    frames = [run.samples.assign(model=label) for label, run in runs.items()]
-    out = pd.concat(frames).groupby(["model", "solver"], sort=False)[list(PHASES)].mean()
-    out["n"] = pd.concat(frames).groupby(["model", "solver"], sort=False).size()
-    return out
-
-
-def layer_comparison(run: CostRun) -> pd.DataFrame:
-    """Per pruned layer: shape, inputs per row, FastOBC's and OBC's seconds, the rows OBC was
-    timed on, and OBC / FastOBC."""
-    layers = run.layers.set_index(["solver", "layer"])
-    fast, obc = layers.loc["fastobc"], layers.loc["obc"]
-    out = pd.DataFrame({"shape": obc["shape"].map(str), "inputs per row": obc["columns"],
-                        "FastOBC (s)": fast["seconds"], "OBC (s)": obc["seconds"],
-                        "OBC rows timed": obc["rows_timed"].astype(str) + " of "
-                        + obc["rows"].astype(str), "timed as": obc["timed_as"]})
-    out["OBC / FastOBC"] = out["OBC (s)"] / out["FastOBC (s)"]
-    return out
-
-
-def size_table(bench: BenchResults, at: int = 1024) -> pd.DataFrame:
-    """Per model of a benchmark run: parameters, prunable weights, layers, FastOBC's solver
-    seconds (median over the augmentation counts; it does not depend on them), the Hessian and
-    augmentation seconds as a line in the count (:func:`fit_line`: ``fixed`` + ``per view``),
-    and the trace carried to ``at`` augmentations along that line (``measured up to`` says how
-    far it was measured)."""
-    t = bench.traces.assign(views=bench.traces["augment"] + bench.traces["hessians"])
-    about = t.groupby("model", sort=False)[["arch", "image_size", "parameters", "weights",
-                                            "layers"]].first()
-    about["solve (s)"] = t.groupby("model", sort=False)["solve"].median()
-    line = extrapolate(t, "n_augmentations", "views", at, "model")
-    about["measured up to"] = line["measured up to"].astype(int)
-    about["views fixed (s)"] = line["fixed"]
-    about["per view (s)"] = line["per unit"]
-    about[f"trace at {at} (s)"] = line[f"at {at:g}"] + about["solve (s)"]
-    return about
-
-
-def plot_loglog(ax: Any, x: Sequence[float], y: Sequence[float], label: str,
-                **style: Any) -> Slope:
-    """Points ``(x, y)`` on log-log axes with their fitted line (:func:`fit_slope`), labelled
-    with the slope and its standard error; returns the fit."""
-    s = fit_slope(x, y)
-    points = ax.loglog(x, y, "o", label=f"{label}: slope {s.slope:.2f} +- {s.se:.2f}", **style)
-    if s.n >= 2:
-        grid = np.geomspace(min(x), max(x), 20)
-        ax.loglog(grid, [s.predict(g) for g in grid], "-", color=points[0].get_color(), lw=1)
-    return s
-
 
 # --------------------------------------------------------------------------------------------
 # Scaling: sweeps and slopes
@@ -678,111 +480,6 @@ def sweep(cfg: Config, model: nn.Module, parameter: str, values: Sequence | None
     out = pd.DataFrame(record["rows"])[list(SWEEP_COLUMNS)]
     out.attrs["record"] = {k: v for k, v in record.items() if k != "rows"}
     return out
-
-
-@dataclass(frozen=True)
-class Slope:
-    """A least-squares line through ``(log x, log y)``: ``y ~ exp(intercept) * x**slope``.
-
-    ``se`` is the slope's standard error (residual variance over ``n - 2`` degrees of freedom;
-    NaN for fewer than three points), ``n`` the points used."""
-
-    slope: float
-    se: float
-    intercept: float
-    n: int
-
-    def predict(self, x: float) -> float:
-        """``exp(intercept) * x**slope``."""
-        return float(math.exp(self.intercept) * x**self.slope)
-
-
-def fit_slope(x: Sequence[float], y: Sequence[float]) -> Slope:
-    """Log-log least squares: the exponent ``b`` of ``y ~ a * x**b`` with its standard error.
-
-    Points with a non-positive or non-finite ``x`` or ``y`` are left out (they have no
-    logarithm); fewer than two distinct ``x`` left give NaN.
-    """
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"x and y must be 1-D of the same length, got {x.shape} and {y.shape}")
-    keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
-    lx, ly = np.log(x[keep]), np.log(y[keep])
-    n = int(keep.sum())
-    if n < 2 or np.ptp(lx) == 0:
-        return Slope(math.nan, math.nan, math.nan, n)
-    dx = lx - lx.mean()
-    slope = float((dx * (ly - ly.mean())).sum() / (dx**2).sum())
-    intercept = float(ly.mean() - slope * lx.mean())
-    if n < 3:
-        return Slope(slope, math.nan, intercept, n)
-    resid = ly - (intercept + slope * lx)
-    se = float(math.sqrt((resid**2).sum() / (n - 2) / (dx**2).sum()))
-    return Slope(slope, se, intercept, n)
-
-
-def slopes(frame: pd.DataFrame, x: str, ys: Sequence[str], by: str | None = None) -> pd.DataFrame:
-    """:func:`fit_slope` of each column of ``ys`` against ``x`` (per group of ``by``).
-
-    Returns one row per (group and) column: ``slope``, ``se``, ``n``.
-    """
-    groups = [(None, frame)] if by is None else list(frame.groupby(by, sort=False))
-    rows = []
-    for key, part in groups:
-        for y in ys:
-            s = fit_slope(part[x], part[y])
-            rows.append({**({by: key} if by else {}), "seconds of": y, "slope": s.slope,
-                         "se": s.se, "n": s.n})
-    return pd.DataFrame(rows)
-
-
-@dataclass(frozen=True)
-class Line:
-    """A least-squares line ``y ~ intercept + slope * x``; ``se`` is the slope's standard error
-    (NaN for fewer than three points), ``n`` the points used."""
-
-    intercept: float
-    slope: float
-    se: float
-    n: int
-
-    def predict(self, x: float) -> float:
-        """``intercept + slope * x``."""
-        return self.intercept + self.slope * x
-
-
-def fit_line(x: Sequence[float], y: Sequence[float]) -> Line:
-    """Ordinary least squares of ``y`` on ``x`` (non-finite points left out): a time with a
-    fixed part and a part per unit, e.g. Hessian seconds against the augmentation count."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"x and y must be 1-D of the same length, got {x.shape} and {y.shape}")
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y, n = x[keep], y[keep], int(keep.sum())
-    if n < 2 or np.ptp(x) == 0:
-        return Line(math.nan, math.nan, math.nan, n)
-    dx = x - x.mean()
-    slope = float((dx * (y - y.mean())).sum() / (dx**2).sum())
-    intercept = float(y.mean() - slope * x.mean())
-    if n < 3:
-        return Line(intercept, slope, math.nan, n)
-    resid = y - (intercept + slope * x)
-    return Line(intercept, slope, float(math.sqrt((resid**2).sum() / (n - 2) / (dx**2).sum())), n)
-
-
-def extrapolate(frame: pd.DataFrame, x: str, y: str, at: float, by: str) -> pd.DataFrame:
-    """Per group of ``by``: the straight line (:func:`fit_line`) of ``y`` on ``x`` carried to
-    ``x = at``, beside the largest ``x`` measured so the reader sees how far it is carried.
-
-    Returns one row per group: ``measured up to``, ``fixed`` (the intercept), ``per unit``
-    (the slope) with its ``se``, and ``at {at}`` (the prediction).
-    """
-    rows = []
-    for key, part in frame.groupby(by, sort=False):
-        line = fit_line(part[x], part[y])
-        rows.append({by: key, "measured up to": float(part[x].max()), "fixed": line.intercept,
-                     "per unit": line.slope, "se": line.se, f"at {at:g}": line.predict(at)})
-    return pd.DataFrame(rows).set_index(by)
 
 
 # --------------------------------------------------------------------------------------------
