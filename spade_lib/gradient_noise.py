@@ -19,7 +19,6 @@ from typing import Any
 
 import pandas as pd
 from torch import nn
-from tqdm.auto import tqdm
 
 from spade_lib import reproducibility, results
 from spade_lib.checks import check_columns, check_noise, check_positive_int
@@ -33,7 +32,7 @@ from spade_lib.fidelity import (
 from spade_lib.models import fingerprint as model_fingerprint
 from spade_lib.samples import Samples, sample_seed
 from spade_lib.schedules import pruned_layers
-from spade_lib.store import ResultStore, key_hash
+from spade_lib.store import ResultStore, key_hash, run_resumable
 from spade_lib.tables import ALL_LAYERS, claim_verdict, layer_means, spread
 
 __all__ = [
@@ -137,22 +136,8 @@ def gradient_noise_rows(
         target.write_meta({"key": key, "config": cfg.to_dict(), "n_copies": n_copies,
                            "noise": noise, "layers": layers, "model": model_fingerprint(model),
                            "numerics": reproducibility.settings()})
-    done = target.done() if target is not None else set()
-    ids = samples.ids
-    fresh: dict[int, pd.DataFrame] = {}
-    todo = [i for i, s in enumerate(ids) if s not in done]
-    with tqdm(total=len(ids), initial=len(ids) - len(todo), desc="samples",
-              disable=not progress) as bar:
-        for position in todo:
-            rows = _gradient_sample(cfg, model, samples, position, layers, n_copies, noise, key)
-            if target is not None:
-                target.write(ids[position], rows)
-            else:
-                fresh[ids[position]] = rows
-            bar.update(1)
-    if target is not None:
-        return target.read(ids)
-    return pd.concat([fresh[s] for s in ids], ignore_index=True)
+    return run_resumable(target, samples.ids, lambda position: _gradient_sample(
+        cfg, model, samples, position, layers, n_copies, noise, key), progress)
 
 
 def gradient_noise_summary(rows: pd.DataFrame) -> pd.DataFrame:

@@ -31,14 +31,13 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from spade_lib import attribution, data, metrics, reproducibility, results
 from spade_lib.checks import check_positive_int
 from spade_lib.config import Config
 from spade_lib.models import fingerprint, predict
 from spade_lib.samples import Samples, evaluation_samples, sample_seed
-from spade_lib.store import ResultStore, open_store
+from spade_lib.store import ResultStore, open_store, run_resumable
 from spade_lib.trace import trace
 
 __all__ = [
@@ -490,22 +489,8 @@ def _collect(run: _Run, samples: Samples | CleanImages, target: ResultStore | No
              progress: bool) -> pd.DataFrame:
     """Every sample's rows, in ``samples`` order: read from ``target`` where it has them, else
     computed (and written to ``target``)."""
-    done = target.done() if target is not None else set()
-    ids = samples.ids
-    fresh: dict[int, pd.DataFrame] = {}
-    todo = [i for i, s in enumerate(ids) if s not in done]
-    bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc=f"{run.kind} samples",
-               disable=not progress)
-    with bar:
-        for position in todo:
-            rows = run.sample(samples, position)
-            if target is not None:
-                target.write(ids[position], rows)
-            else:
-                fresh[ids[position]] = rows
-            bar.update(1)
-    return target.read(ids) if target is not None else \
-        pd.concat([fresh[s] for s in ids], ignore_index=True)
+    return run_resumable(target, samples.ids, lambda position: run.sample(samples, position),
+                         progress, desc=f"{run.kind} samples")
 
 
 def _ordered(table: pd.DataFrame, ids: Sequence[int], methods: Sequence[str],

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from spade_lib import attribution, config, metrics, reproducibility, schedules
 from spade_lib.config import Config
@@ -51,6 +50,7 @@ from spade_lib.store import (
     DamagedResultWarning,
     ResultStore,
     open_store,
+    run_resumable,
     typed_rows,
 )
 from spade_lib.tables import (
@@ -401,24 +401,10 @@ def evaluate(
             "key": key, "config": cfg.to_dict(), "methods": methods,
             "variants": [v.describe() for v in chosen], "method_options": method_options or {},
             "model": model_fingerprint(model), "numerics": reproducibility.settings()})
-    done = target.done() if target is not None else set()
     ids = samples.ids
-    fresh: dict[int, pd.DataFrame] = {}
-    todo = [i for i, s in enumerate(ids) if s not in done]
-    bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc="samples", disable=not progress)
-    with bar:
-        for position in todo:
-            rows = run_sample(cfg, model, samples, position, methods, chosen, method_options,
-                              config_hash=key)
-            if target is not None:
-                target.write(ids[position], rows)
-            else:
-                fresh[ids[position]] = rows
-            bar.update(1)
-    if target is not None:
-        table = target.read(ids)
-    else:
-        table = pd.concat([fresh[s] for s in ids], ignore_index=True)
+    table = run_resumable(target, ids, lambda position: run_sample(
+        cfg, model, samples, position, methods, chosen, method_options, config_hash=key),
+        progress)
     return _ordered(table, ids, methods, [v.name for v in chosen])
 
 

@@ -26,7 +26,7 @@ from spade_lib.files import atomic_write
 from spade_lib.samples import SAMPLE_COLUMNS
 
 __all__ = ["COLUMNS", "DamagedResultWarning", "ResultStore", "key_hash", "open_store",
-           "typed_rows"]
+           "run_resumable", "typed_rows"]
 
 COLUMNS = (
     *SAMPLE_COLUMNS, "method", "variant", *metrics.SCORE_COLUMNS, "keeps_prediction",
@@ -168,3 +168,32 @@ def open_store(cfg: Config, store: bool | str | os.PathLike | ResultStore | None
         return ResultStore(Path(store) / key)
     raise ValueError(f"store must be True, False, a directory or a ResultStore, got {store!r}")
 
+
+
+def run_resumable(target: ResultStore | None, ids: Sequence[int],
+                  compute: Callable[[int], pd.DataFrame], progress: bool = True,
+                  desc: str = "samples") -> pd.DataFrame:
+    """Every id's rows, in ``ids`` order: read from ``target`` where it has them, else computed.
+
+    ``compute(position)`` returns the rows of ``ids[position]``; each is written to ``target``
+    as soon as it is done (so a killed run loses only the id in flight), then the whole table is
+    read back through the store's typer. With ``target=None`` nothing is stored and the computed
+    frames are concatenated. A tqdm bar counts the ids, starting at those already stored.
+    """
+    from tqdm.auto import tqdm
+
+    done = target.done() if target is not None else set()
+    fresh: dict[int, pd.DataFrame] = {}
+    todo = [i for i, s in enumerate(ids) if s not in done]
+    with tqdm(total=len(ids), initial=len(ids) - len(todo), desc=desc,
+              disable=not progress) as bar:
+        for position in todo:
+            rows = compute(position)
+            if target is not None:
+                target.write(ids[position], rows)
+            else:
+                fresh[ids[position]] = rows
+            bar.update(1)
+    if target is not None:
+        return target.read(ids)
+    return pd.concat([fresh[s] for s in ids], ignore_index=True)

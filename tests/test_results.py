@@ -299,3 +299,25 @@ def test_other_architecture_skips_unlearned_models_and_merges_equal_methods(
         assert methods == ["Saliency", "InputXGradient / DeepLift"]
     else:
         assert methods == ["Saliency", "InputXGradient", "DeepLift"]
+
+
+def test_run_resumable_computes_only_what_the_store_lacks(tmp_path: Path) -> None:
+    from spade_lib.store import ResultStore, run_resumable
+
+    ids = [7, 3, 11]
+    calls: list[int] = []
+
+    def compute(position: int) -> pd.DataFrame:
+        calls.append(position)
+        return pd.DataFrame({"sample": [ids[position]] * 2, "value": [ids[position], -1.0]})
+
+    target = ResultStore(tmp_path, typer=None, columns=("sample", "value"))
+    target.write(3, compute(1))  # one id already stored
+    calls.clear()
+    table = run_resumable(target, ids, compute, progress=False)
+    assert calls == [0, 2], "the stored id is read, not computed"
+    assert table["sample"].tolist() == [7, 7, 3, 3, 11, 11], "rows in the order of ids"
+    assert run_resumable(target, ids, compute, progress=False).equals(table)
+    assert calls == [0, 2], "a complete store computes nothing"
+    unstored = run_resumable(None, ids, compute, progress=False)
+    assert unstored["value"].tolist() == [7.0, -1.0, 3.0, -1.0, 11.0, -1.0]
