@@ -2,7 +2,8 @@
 
 :func:`augment` makes ``n`` augmented copies of an image with tensor ops (``"default"``: the
 paper's RandomResizedCrop, flip and ColorJitter; ``"convnext"``: plus Gaussian noise and
-RandomErasing, Table C.8). :func:`augmented_batches` is the one generator of the batches a trace
+RandomErasing, Table C.8; or any ``+`` combination of the components J, G, RC and RR of Table
+D.12, such as ``"J+G+RC"``). :func:`augmented_batches` is the one generator of the batches a trace
 sees for a seed: :func:`spade_lib.trace.trace`, :func:`spade_lib.trace.trace_batch` and the
 sparsity search (:class:`spade_lib.search.Candidates`) all draw their views from it, so the same
 seed gives the same views everywhere.
@@ -18,10 +19,53 @@ from torch import Tensor
 
 from spade_lib.checks import check_image
 
-__all__ = ["RECIPES", "augment", "augmented_batches", "check_image"]
+__all__ = ["COMPONENTS", "RECIPES", "augment", "augmented_batches", "check_image",
+           "check_recipe", "recipe_components"]
+
+COMPONENTS = {
+    "RC": "random resized crop (scale 0.2-1, aspect 3/4-4/3) with a horizontal flip (p 0.5)",
+    "J": "colour jitter (brightness 0.5, hue 0.3, in random order)",
+    "G": "Gaussian noise of variance 0.001, clipped to [0, 1]",
+    "RR": "random removal (RandomErasing p 0.5, scale 0.02-0.33, ratio 0.3-3.3, value 0)",
+}
+"""The augmentations of Table C.8 by the abbreviations of Table D.12, in the order they are
+applied (and drawn from the generator)."""
 
 RECIPES = ("default", "convnext")
-"""Augmentation recipes: the paper's ``"default"`` and ``"convnext"`` (Table C.8)."""
+"""Named augmentation recipes: the paper's ``"default"`` (J+RC) and ``"convnext"`` (J+G+RC+RR,
+Table C.8). Any ``+`` combination of :data:`COMPONENTS` is a recipe too."""
+
+_NAMED = {"default": ("RC", "J"), "convnext": ("RC", "J", "G", "RR")}
+
+
+def recipe_components(recipe: str) -> tuple[str, ...]:
+    """The components of an augmentation recipe, in the order they are applied.
+
+    Parameters
+    ----------
+    recipe
+        A name of :data:`RECIPES` or a ``+`` combination of :data:`COMPONENTS` in any order
+        (``"J+RC"``, ``"RR+RC"``, ``"G"``), each at most once.
+
+    Raises
+    ------
+    ValueError
+        Naming the recipe and what is allowed.
+    """
+    if isinstance(recipe, str) and recipe in _NAMED:
+        return _NAMED[recipe]
+    parts = recipe.split("+") if isinstance(recipe, str) and recipe else []
+    if not parts or any(p not in COMPONENTS for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"unknown augmentation recipe {recipe!r}; valid: "
+                         f"{', '.join(RECIPES)}, or a '+' combination of "
+                         f"{', '.join(COMPONENTS)} each at most once (e.g. 'J+G+RC')")
+    return tuple(c for c in COMPONENTS if c in parts)
+
+
+def check_recipe(recipe: str) -> str:
+    """``recipe`` unchanged if :func:`recipe_components` accepts it, else its ValueError."""
+    recipe_components(recipe)
+    return recipe
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator | None,
@@ -147,13 +191,15 @@ def augment(
     ``default``: RandomResizedCrop (scale 0.2-1, aspect 3/4-4/3, back to ``H x W``, bilinear),
     horizontal flip with p 0.5, ColorJitter (brightness 0.5, hue 0.3, in random order per copy).
     ``convnext`` (Table C.8) adds Gaussian noise of variance 0.001 (then clipped to [0, 1]) and
-    RandomErasing (p 0.5, scale 0.02-0.33, ratio 0.3-3.3, value 0). All copies are made at once with
-    tensor ops; the original image is not among them. ``generator`` (a ``torch.Generator`` or an
-    int seed for one on the image's device) makes the batch reproducible.
+    RandomErasing (p 0.5, scale 0.02-0.33, ratio 0.3-3.3, value 0). A ``+`` combination of
+    :data:`COMPONENTS` (Table D.12: ``"J+RC"`` is ``default``, ``"RR"``, ``"G+RC"``, ...) applies
+    just those, in the order of :data:`COMPONENTS`; a component that is left out draws nothing
+    from the generator. All copies are made at once with tensor ops; the original image is not
+    among them (except, for ``"G"`` alone, up to the noise). ``generator`` (a ``torch.Generator``
+    or an int seed for one on the image's device) makes the batch reproducible.
     """
     image = check_image(image)
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown augmentation recipe {recipe!r}; valid: {', '.join(RECIPES)}")
+    parts = recipe_components(recipe)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"number of augmentations must be an int >= 1, got {n!r}")
     if isinstance(generator, int) and not isinstance(generator, bool):
@@ -162,19 +208,21 @@ def augment(
     _, height, width = image.shape
     x = image[None].float()
 
-    boxes = _crop_boxes(n, height, width, gen, dev)
-    out = _resized_crop(x, boxes, _uniform(n, 0, 1, gen, dev) < 0.5)
-
-    bright = _uniform(n, 0.5, 1.5, gen, dev)[:, None, None, None]
-    hue = _uniform(n, -0.3, 0.3, gen, dev)
-    hue_first = (_uniform(n, 0, 1, gen, dev) < 0.5)[:, None, None, None]
-    out = _adjust_hue(torch.where(hue_first, out, (out * bright).clamp(0, 1)), hue)
-    out = torch.where(hue_first, (out * bright).clamp(0, 1), out)
-
-    if recipe == "convnext":
+    out = x.expand(n, -1, -1, -1)
+    if "RC" in parts:
+        boxes = _crop_boxes(n, height, width, gen, dev)
+        out = _resized_crop(x, boxes, _uniform(n, 0, 1, gen, dev) < 0.5)
+    if "J" in parts:
+        bright = _uniform(n, 0.5, 1.5, gen, dev)[:, None, None, None]
+        hue = _uniform(n, -0.3, 0.3, gen, dev)
+        hue_first = (_uniform(n, 0, 1, gen, dev) < 0.5)[:, None, None, None]
+        out = _adjust_hue(torch.where(hue_first, out, (out * bright).clamp(0, 1)), hue)
+        out = torch.where(hue_first, (out * bright).clamp(0, 1), out)
+    if "G" in parts:
         gdev = gen.device if gen is not None else dev
         noise = torch.randn(out.shape, generator=gen, device=gdev).to(dev)
         out = (out + math.sqrt(0.001) * noise).clamp(0, 1)
+    if "RR" in parts:
         erase = _uniform(n, 0, 1, gen, dev) < 0.5
         top, left, h, w = _erase_boxes(n, height, width, gen, dev).unbind(1)
         h = torch.where(erase, h, 0.0)
@@ -200,7 +248,8 @@ def augmented_batches(image: Tensor, n: int, recipe: str = "default", seed: int 
     image
         ``[3, H, W]`` or ``[1, 3, H, W]``, float in [0, 1].
     n, recipe, seed, batch_size
-        Number of copies, recipe (:data:`RECIPES`), seed and batch size (both ints >= 1).
+        Number of copies, recipe (:data:`RECIPES` or a combination, see
+        :func:`recipe_components`), seed and batch size (both ints >= 1).
 
     Yields
     ------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -14,6 +16,8 @@ from spade_lib.augment import (
     _resized_crop,
     augment,
     augmented_batches,
+    check_recipe,
+    recipe_components,
 )
 
 CUDA = torch.cuda.is_available()
@@ -107,3 +111,57 @@ def test_augment_on_gpu_equals_cpu(image):
     out = augment(image.cuda(), 8, generator=torch.Generator().manual_seed(0))
     ref = augment(image, 8, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Table D.12's recipes: combinations of the components J, G, RC, RR
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("named", "spelled"), [("default", "J+RC"), ("default", "RC+J"),
+                                                ("convnext", "RR+G+J+RC")])
+def test_named_recipes_are_their_components_bit_for_bit(image, named, spelled):
+    assert torch.equal(augment(image, 16, named, generator=5), augment(image, 16, spelled,
+                                                                        generator=5))
+
+
+def test_gaussian_noise_alone_has_the_table_c8_variance():
+    image = torch.full((3, 32, 32), 0.5)                  # far from 0 and 1: no clipping
+    out = augment(image, 64, "G", generator=0)
+    noise = out - image
+    # 196608 draws: the sample variance is within 1% of sigma^2 = 0.001 (its relative standard
+    # error is sqrt(2 / n) = 0.3%), the mean within 5 standard errors of 0
+    assert abs(noise.var().item() / 0.001 - 1) < 0.01
+    assert abs(noise.mean().item()) < 5 * math.sqrt(0.001 / noise.numel())
+
+
+def test_random_removal_alone_only_erases(image):
+    out = augment(image, 64, "RR", generator=0)
+    kept = out == image[None]
+    assert ((out == 0) | kept).all()                       # a pixel is erased or untouched
+    erased = (~kept).all(1).flatten(1).any(1)
+    assert 10 < int(erased.sum()) < 54                     # p 0.5 of 64 copies, +-5.5 sigma
+
+
+def test_jitter_alone_keeps_the_geometry():
+    image = torch.full((3, 16, 16), 0.4)
+    image[0] = 0.7                                         # a coloured, flat image
+    out = augment(image, 32, "J", generator=0)
+    assert (out.flatten(2).std(2) < 1e-6).all()            # each copy still flat
+    assert out.flatten(1).std(0).mean() > 0.01             # but copies differ in colour
+
+
+def test_crop_alone_equals_the_drawn_boxes(image):
+    gen = torch.Generator().manual_seed(2)
+    boxes = _crop_boxes(8, 16, 16, gen, torch.device("cpu"))
+    flip = torch.rand(8, generator=gen) < 0.5
+    assert torch.equal(augment(image, 8, "RC", generator=2),
+                       _resized_crop(image[None], boxes, flip))
+
+
+@pytest.mark.parametrize("bad", ["J+J", "X", "", "J+", "j+rc", 3])
+def test_bad_recipes_name_the_components(image, bad):
+    with pytest.raises(ValueError, match=r"recipe .*combination of RC, J, G, RR"):
+        augment(image, 2, bad)
+    with pytest.raises(ValueError, match=r"recipe .*combination of RC, J, G, RR"):
+        check_recipe(bad)
+    assert recipe_components("G+RR") == ("G", "RR")
