@@ -5,16 +5,18 @@ Hessian from the DENSE network on the augmented batch (:mod:`spade_lib.hessians`
 layer to its target sparsity (:mod:`spade_lib.schedules`) with an OBS-family solver
 (:mod:`spade_lib.pruning`) and returns the pruned copy. The caller's network is never changed.
 :func:`trace_batch` does the same for many samples with batched solves; :func:`trace` is the
-batched path for one sample.
+batched path for one sample. :func:`trace_images` takes the Hessians from a set of images instead
+of augmented views of one (the "many samples" ablation of Table D.11).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import numbers
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,11 +30,15 @@ from spade_lib.augment import (  # noqa: F401 (augment re-exported from here)
     RECIPES,
     augment,
     augmented_batches,
+    check_recipe,
 )
-from spade_lib.checks import check_image  # noqa: F401 (re-exported: trace.check_image)
+from spade_lib.checks import check_image, check_images  # noqa: F401 (trace.check_image)
 from spade_lib.models import device_of
 
-__all__ = ["REPORT_COLUMNS", "Trace", "trace", "trace_batch"]
+__all__ = ["REPORT_COLUMNS", "Trace", "trace", "trace_batch", "trace_images"]
+
+Views = Callable[[], Iterator[Tensor]]
+"""Makes the batches one sample's Hessians are taken on (augmented views, or plain images)."""
 
 
 @dataclass
@@ -109,8 +115,7 @@ def _plan(model: nn.Module, sparsity: schedules.SparsitySpec, pruner: str,
         raise ValueError("the augmentation recipe is passed as recipe=, not augment= (renamed; "
                          "the config key is still 'augment')")
     pruning.check_method(pruner, options)
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown augmentation recipe {recipe!r}; valid: {', '.join(RECIPES)}")
+    check_recipe(recipe)
     for name, value in (("n_augmentations", n_augmentations), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -165,16 +170,16 @@ def _warn_flagged(reports: Sequence[pd.DataFrame]) -> None:
                   stacklevel=5)
 
 
-def _statistics(nets: Sequence[nn.Module], images: Tensor, names: list[str], n: int, recipe: str,
-                batch_size: int, seed: int, clock: _Clock) -> dict[str, list[Tensor]]:
-    """Hessians of the layers ``names``: sample ``i`` on ``nets[i]``, its views seeded ``seed + i``.
+def _statistics(nets: Sequence[nn.Module], views: Sequence[Views], names: list[str],
+                clock: _Clock) -> dict[str, list[Tensor]]:
+    """Hessians of the layers ``names``: sample ``i`` on ``nets[i]``, batches from ``views[i]()``.
 
     Returns ``{name: [H_0, H_1, ...]}``, one ``[n, n]`` per sample. The time spent making views is
     counted under ``augment``, not ``hessians``.
     """
     stats: dict[str, list[Tensor]] = {name: [] for name in names}
-    for i, (net, image) in enumerate(zip(nets, images, strict=True)):
-        batches = _timed(augmented_batches(image, n, recipe, seed + i, batch_size), clock)
+    for net, make in zip(nets, views, strict=True):
+        batches = _timed(make(), clock)
         before = clock.seconds["augment"]
         t = clock.start()
         for name, h in hessians.layer_hessians(net, batches, names).items():
@@ -184,31 +189,28 @@ def _statistics(nets: Sequence[nn.Module], images: Tensor, names: list[str], n: 
     return stats
 
 
-def _traces(model: nn.Module, images: Tensor, targets: dict[str, float], pruner: str,
-            n_augmentations: int, recipe: str, batch_size: int, seed: int, sequential: bool,
-            progress: bool, options: dict[str, Any]) -> list[Trace]:
-    """The batched path behind :func:`trace` and :func:`trace_batch` (arguments checked).
+def _traces(model: nn.Module, views: Sequence[Views], targets: dict[str, float], pruner: str,
+            sequential: bool, progress: bool, options: dict[str, Any]) -> list[Trace]:
+    """The batched path behind :func:`trace`, :func:`trace_batch` and :func:`trace_images`.
 
-    Every sample's Hessians come from the dense copy in one pass (or, with ``sequential``, layer
-    by layer from that sample's partially pruned copy); each layer is then solved for all samples
-    at once with :func:`spade_lib.pruning.prune_layer_batch`. One sample prunes the dense copy
-    itself, which is exactly what a single trace does.
+    ``views[i]()`` yields sample ``i``'s batches (on the model's device). Every sample's Hessians
+    come from the dense copy in one pass (or, with ``sequential``, layer by layer from that
+    sample's partially pruned copy); each layer is then solved for all samples at once with
+    :func:`spade_lib.pruning.prune_layer_batch`. One sample prunes the dense copy itself, which
+    is exactly what a single trace does.
     """
-    device = device_of(model, default=None)
-    images = images.to(device)
-    samples = images.shape[0]
-    clock = _Clock(device)
+    samples = len(views)
+    clock = _Clock(device_of(model, default=None))
     begin = clock.start()
     dense = copy.deepcopy(model).eval()
     copies = [dense] if samples == 1 else [copy.deepcopy(dense) for _ in range(samples)]
     modules = [dict(c.named_modules()) for c in copies]
     dense_weights = {name: dict(dense.named_modules())[name].weight for name in targets}
-    args = (n_augmentations, recipe, batch_size, seed, clock)
     if not sequential and targets:
-        stats = _statistics([dense] * samples, images, list(targets), *args)
+        stats = _statistics([dense] * samples, views, list(targets), clock)
     infos: list[dict[str, pruning.PruneInfo]] = [{} for _ in range(samples)]
     for name in tqdm(targets, desc="pruning layers", disable=not progress):
-        layer = _statistics(copies, images, [name], *args)[name] if sequential else stats.pop(name)
+        layer = _statistics(copies, views, [name], clock)[name] if sequential else stats.pop(name)
         t = clock.start()
         new, layer_infos = pruning.prune_layer_batch(
             dense_weights[name], torch.stack(layer), targets[name], pruner, **options)
@@ -282,9 +284,9 @@ def trace(
     """
     targets = _plan(model, sparsity, pruner, layers, n_augmentations, recipe, batch_size, seed,
                     pruner_options)
-    image = check_image(image, _dtype(model))
-    (out,) = _traces(model, image[None], targets, pruner, n_augmentations, recipe, batch_size,
-                     seed, sequential, progress, pruner_options)
+    image = check_image(image, _dtype(model)).to(device_of(model, default=None))
+    views = [functools.partial(augmented_batches, image, n_augmentations, recipe, seed, batch_size)]
+    (out,) = _traces(model, views, targets, pruner, sequential, progress, pruner_options)
     return out
 
 
@@ -319,5 +321,43 @@ def trace_batch(
             check_image(img, _dtype(model))
         except ValueError as e:
             raise ValueError(f"images[{i}]: {e}") from None
-    return _traces(model, images, targets, pruner, n_augmentations, recipe, batch_size, seed,
-                   False, progress, pruner_options)
+    images = images.to(device_of(model, default=None))
+    views = [functools.partial(augmented_batches, img, n_augmentations, recipe, seed + i,
+                               batch_size) for i, img in enumerate(images)]
+    return _traces(model, views, targets, pruner, False, progress, pruner_options)
+
+
+@torch.no_grad()
+def trace_images(
+    model: nn.Module,
+    images: Tensor,
+    sparsity: schedules.SparsitySpec = 0.9,
+    pruner: str = "fastobc",
+    batch_size: int = 256,
+    layers: Sequence[str] | str | None = None,
+    progress: bool = False,
+    **pruner_options: Any,
+) -> Trace:
+    """Prune a copy of ``model`` with Hessians from a set of images as they are (no augmentation).
+
+    The "many samples" sources of Table D.11 (MST, MSC, MSD): the statistics come from ``images``
+    instead of augmented views of one input; otherwise this is :func:`trace` (same solvers,
+    schedules, report and warnings; ``timings["augment"]`` is the time spent batching).
+
+    Parameters
+    ----------
+    model
+        The dense classifier; never changed.
+    images
+        ``[N, 3, H, W]``, float in [0, 1], finite, N >= 1.
+    sparsity, pruner, layers, progress, **pruner_options
+        As in :func:`trace`.
+    batch_size
+        Images per forward pass (int >= 1).
+    """
+    targets = _plan(model, sparsity, pruner, layers, 1, "default", batch_size, 0, pruner_options)
+    images = check_images(images, "images", channels=3, unit_range=True)
+    images = images.to(device_of(model, default=None), _dtype(model) or images.dtype)
+    views = [lambda: iter(images.split(batch_size))]
+    (out,) = _traces(model, views, targets, pruner, False, progress, pruner_options)
+    return out

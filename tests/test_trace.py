@@ -13,7 +13,7 @@ from spade_lib import pruning
 from spade_lib.augment import augment, augmented_batches
 from spade_lib.hessians import eval_mode, layer_hessians
 from spade_lib.schedules import linear, only
-from spade_lib.trace import Trace, trace, trace_batch
+from spade_lib.trace import Trace, trace, trace_batch, trace_images
 
 CUDA = torch.cuda.is_available()
 FAST = dict(n_augmentations=24, batch_size=10)
@@ -137,6 +137,35 @@ def test_trace_is_trace_batch_of_one_sample(tiny, image):
                            strict=True):
         assert torch.equal(x, y), key
     assert single.report.drop(columns="seconds").equals(batch.report.drop(columns="seconds"))
+
+
+def test_trace_images_is_a_trace_on_those_views(tiny, image):
+    """Hessians from given images: handing it a trace's own augmented views gives that trace,
+    bit for bit, and the caller's model and images stay as they were."""
+    views = torch.cat(list(augmented_batches(image, FAST["n_augmentations"], "default", 3,
+                                             FAST["batch_size"])))
+    before, kept = _weights(tiny), views.clone()
+    got = trace_images(tiny, views, sparsity=0.75, batch_size=FAST["batch_size"])
+    want = trace(tiny, image, sparsity=0.75, seed=3, **FAST)
+    for (key, x), y in zip(_weights(got.model).items(), _weights(want.model).values(),
+                           strict=True):
+        assert torch.equal(x, y), key
+    assert list(got.report.layer) == list(want.report.layer)
+    assert torch.equal(views, kept)
+    assert all(torch.equal(v, before[k]) for k, v in _weights(tiny).items())
+    other = trace_images(tiny, torch.rand(24, 3, 16, 16, generator=torch.Generator()
+                                          .manual_seed(0)), sparsity=0.75)
+    assert not torch.equal(other.model.fc.weight, got.model.fc.weight)
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    (torch.rand(3, 16, 16), r"images must have shape \[N, 3, H, W\]"),
+    (torch.rand(2, 3, 16, 16) * 2, r"\[0, 1\]"),
+    (torch.zeros(0, 3, 16, 16), "empty"),
+])
+def test_trace_images_rejects_bad_images(tiny, bad, message):
+    with pytest.raises(ValueError, match=message):
+        trace_images(tiny, bad)
 
 
 @pytest.mark.parametrize("pruner,options", [("obc", {}), ("magnitude", {}),
