@@ -32,7 +32,9 @@ import numpy as np
 import pandas as pd
 from torch import Tensor, nn
 
-from spade_lib import attribution, config, metrics, reproducibility, schedules
+from spade_lib import attribution, config, metrics, reproducibility, schedules, sources
+from spade_lib.augment import check_recipe
+from spade_lib.checks import check_positive_int
 from spade_lib.config import Config
 from spade_lib.models import fingerprint as model_fingerprint
 from spade_lib.models import predict
@@ -61,7 +63,7 @@ from spade_lib.tables import (
     variant_table,
     wins,
 )
-from spade_lib.trace import trace
+from spade_lib.trace import trace, trace_images
 
 if TYPE_CHECKING:
     from spade_lib.train import TrainResult
@@ -70,7 +72,8 @@ __all__ = [
     "BUILTIN_VARIANTS", "COLUMNS", "MERGED_METHODS", "MERGE_ATOL", "MIN_ACCURACY", "RESULT_KEYS",
     "SAMPLE_COLUMNS", "TRACE_BATCH", "ArchitectureRun", "DamagedResultWarning", "ResultStore",
     "Samples", "Variant", "check_methods", "check_store_meta", "evaluate", "evaluation_samples",
-    "isd_donor", "merge_methods", "model_fingerprint", "other_architecture", "prediction_kept",
+    "isd_donor", "main_variants", "merge_methods", "model_fingerprint", "other_architecture",
+    "prediction_kept",
     "resolve_variants", "results_key", "run_sample", "sample_maps", "sample_seed", "score_gap",
     "score_methods", "select_samples", "summary", "tuning_samples", "variant_network",
     "variant_table", "wins",
@@ -88,7 +91,7 @@ TRACE_BATCH = 256
 """Forward batch size of the augmented views in every trace (a fixed value, so that the search's
 Hessians are bit-identical to the runner's)."""
 
-BUILTIN_VARIANTS = ("dense", "spade", "isd")
+BUILTIN_VARIANTS = ("dense", "spade", "isd", "ist", "isc", "mst", "msc", "msd")
 
 MIN_ACCURACY = 0.2
 """Clean accuracy below which :func:`other_architecture` leaves a network unexplained: twice
@@ -121,22 +124,76 @@ class Variant:
         :func:`spade_lib.schedules.resolve_sparsity` takes: a float, ``"linear"``,
         ``"linear:A:B"``, ``"only:P[,P]:S"``, a dict of layer names, ...).
     other_image
-        The ISD control: the Hessians come from a random clean test image of another class
-        (:func:`isd_donor`) instead of the sample, with the same augmentation seed.
+        The ISD control (the same as ``source="ISD"``): the Hessians come from a random clean test
+        image of another class (:func:`isd_donor`) instead of the sample, with the same
+        augmentation seed.
+    source
+        Where the Hessians come from, a key of :data:`spade_lib.sources.SOURCES` (Table D.11):
+        ``"ISI"`` (the sample, SPADE), ``"IST"``, ``"ISC"``, ``"ISD"`` (one other image,
+        augmented) or ``"MST"``, ``"MSC"``, ``"MSD"`` (many training images, not augmented).
+    recipe
+        Augmentation recipe of the trace (:func:`spade_lib.augment.recipe_components`, e.g.
+        ``"J+G+RC"``); ``None``: the config's ``augment``.
+    n_augmentations
+        Augmented views of the trace; ``None``: the config's ``n_augmentations``.
+    images
+        Images per many-image source (the paper's 10240 by default; a group with fewer uses all).
+
+    Raises
+    ------
+    ValueError
+        An unknown source or recipe, a bad count, ``other_image`` with a source other than ISD, or
+        options without a sparsity to prune with.
     """
 
     name: str
     sparsity: schedules.SparsitySpec | None = None
     other_image: bool = False
+    source: str = "ISI"
+    recipe: str | None = None
+    n_augmentations: int | None = None
+    images: int = sources.PAPER_IMAGES
+
+    def __post_init__(self) -> None:
+        sources.check_source(self.source)
+        if self.other_image and self.source not in ("ISI", "ISD"):
+            raise ValueError(f"variant {self.name!r}: other_image means source 'ISD', but source "
+                             f"is {self.source!r}")
+        object.__setattr__(self, "other_image", self.other_image or self.source == "ISD")
+        object.__setattr__(self, "source", "ISD" if self.other_image else self.source)
+        if self.recipe is not None:
+            check_recipe(self.recipe)
+        if self.n_augmentations is not None:
+            check_positive_int(self.n_augmentations, f"variant {self.name!r}: n_augmentations")
+        check_positive_int(self.images, f"variant {self.name!r}: images")
+        options = (self.source != "ISI", self.recipe is not None,
+                   self.n_augmentations is not None)
+        if self.sparsity is None and any(options):
+            raise ValueError(f"variant {self.name!r}: source, recipe and n_augmentations need a "
+                             "sparsity to prune with")
 
     def describe(self) -> dict[str, Any]:
-        """A JSON-able description (for hashing and the store's metadata)."""
+        """A JSON-able description (for hashing and the store's metadata).
+
+        Options at their defaults are left out, so adding options did not change the hash of the
+        variants that existed before them.
+        """
         spec = self.sparsity
         if dataclasses.is_dataclass(spec):
             spec = {"type": type(spec).__name__, **dataclasses.asdict(spec)}
         elif isinstance(spec, Mapping):
             spec = {str(k): float(v) for k, v in spec.items()}
-        return {"name": self.name, "sparsity": spec, "other_image": self.other_image}
+        out: dict[str, Any] = {"name": self.name, "sparsity": spec,
+                               "other_image": self.other_image}
+        if self.source not in ("ISI", "ISD"):
+            out["source"] = self.source
+        if self.source in sources.MANY:
+            out["images"] = self.images
+        if self.recipe is not None:
+            out["recipe"] = self.recipe
+        if self.n_augmentations is not None:
+            out["n_augmentations"] = self.n_augmentations
+        return out
 
 
 def resolve_variants(cfg: Config, model: nn.Module,
@@ -151,12 +208,16 @@ def resolve_variants(cfg: Config, model: nn.Module,
         Sparsity specs are resolved against its layers (unknown layer names are errors).
     variants
         A sequence of built-in names (``"dense"``, ``"spade"``: ``cfg.sparsity``, ``"isd"``:
-        ``cfg.sparsity`` with Hessians from another image) and :class:`Variant` objects, or a
+        ``cfg.sparsity`` with Hessians from another image; ``"ist"``, ``"isc"``, ``"mst"``,
+        ``"msc"``, ``"msd"``: the other sample sources of Table D.11, see
+        :data:`spade_lib.sources.SOURCES`) and :class:`Variant` objects, or a
         mapping of names to sparsity specs (``None`` is dense), e.g.
         ``{"dense": None, "spade": 0.9, "spade-linear": "linear:0:0.99"}``.
     """
     builtin = {"dense": Variant("dense"), "spade": Variant("spade", cfg.sparsity),
-               "isd": Variant("isd", cfg.sparsity, other_image=True)}
+               "isd": Variant("isd", cfg.sparsity, other_image=True),
+               **{s.lower(): Variant(s.lower(), cfg.sparsity, source=s)
+                  for s in sources.SOURCES if s not in ("ISI", "ISD")}}
     out: list[Variant] = []
     if isinstance(variants, Mapping):
         for name, spec in variants.items():
@@ -200,6 +261,18 @@ def resolve_variants(cfg: Config, model: nn.Module,
     return out
 
 
+def main_variants(cfg: Config) -> dict[str, Variant]:
+    """The variants of chapter B's main table (Table B.2 with its controls), by name.
+
+    ``dense``, ``spade`` (``cfg.sparsity``), ``spade-linear`` (the linear schedule of Table D.14)
+    and ``isd`` (Table D.11's control). Every chapter that reuses those rows asks for exactly
+    these, so their store (:func:`results_key`) is the one chapter B filled.
+    """
+    return {"dense": Variant("dense"), "spade": Variant("spade", cfg.sparsity),
+            "spade-linear": Variant("spade-linear", "linear"),
+            "isd": Variant("isd", cfg.sparsity, other_image=True)}
+
+
 def check_methods(methods: Sequence[str],
                   method_options: Mapping[str, Mapping[str, Any]] | None = None) -> None:
     """Check method names and their options (unknown ones name the valid values)."""
@@ -238,25 +311,36 @@ def score_methods(model: nn.Module, image: Tensor, mask: Tensor, target: int,
 
 
 def variant_network(cfg: Config, model: nn.Module, samples: Samples, position: int,
-                    variant: Variant) -> tuple[nn.Module, float, int]:
+                    variant: Variant, shared: dict[Any, tuple[nn.Module, float]] | None = None,
+                    ) -> tuple[nn.Module, float, int]:
     """The network that explains sample ``position`` under ``variant``.
 
     Returns ``(network, trace_seconds, donor)``: ``model`` itself for the dense variant, else a
-    pruned copy traced on the sample (or, for ISD, on its donor image, see :func:`isd_donor`) with
-    the sample's seed; ``donor`` is the donor's test index, -1 otherwise.
+    pruned copy traced with the sample's seed on the views ``variant.source`` names
+    (:mod:`spade_lib.sources`): the sample's own augmented views (ISI), another image's (IST,
+    ISC, ISD: ``donor`` is its test index, else -1), or many training images (MST, MSC, MSD).
+    A many-image network is the same for every sample of its group; pass a dict as ``shared``
+    to compute it once per group (its ``trace_seconds`` are those of that one trace).
     """
     if variant.sparsity is None:
         return model, 0.0, -1
-    info = samples.table.iloc[position]
-    sample, target = int(info["sample"]), int(info["target"])
-    seed = sample_seed(cfg.seed, sample)
-    source, donor = samples.poisoned.float_images([sample])[0], -1
-    if variant.other_image:
-        donor = isd_donor(samples.test, int(info["clean_label"]), target, seed)
-        source = samples.test.float_images([donor])[0]
+    if variant.source in sources.MANY:
+        group, images = sources.many_images(cfg, samples, position, variant.source,
+                                            variant.images)
+        key = (variant.name, group)
+        if shared is None or key not in shared:
+            result = trace_images(model, images, sparsity=variant.sparsity, pruner=cfg.pruner,
+                                  batch_size=TRACE_BATCH)
+            found = (result.model, result.timings["total"])
+            if shared is None:
+                return (*found, -1)
+            shared[key] = found
+        return (*shared[key], -1)
+    seed = sample_seed(cfg.seed, int(samples.table.iloc[position]["sample"]))
+    source, donor = sources.single_image(samples, position, variant.source, seed)
     result = trace(model, source, sparsity=variant.sparsity, pruner=cfg.pruner,
-                   n_augmentations=cfg.n_augmentations, recipe=cfg.augment,
-                   batch_size=TRACE_BATCH, seed=seed)
+                   n_augmentations=variant.n_augmentations or cfg.n_augmentations,
+                   recipe=variant.recipe or cfg.augment, batch_size=TRACE_BATCH, seed=seed)
     return result.model, result.timings["total"], donor
 
 
@@ -284,10 +368,12 @@ def sample_maps(cfg: Config, model: nn.Module, samples: Samples, position: int,
 def run_sample(cfg: Config, model: nn.Module, samples: Samples, position: int,
                methods: Sequence[str], variants: Sequence[Variant],
                method_options: Mapping[str, Mapping[str, Any]] | None = None,
-               config_hash: str = "") -> pd.DataFrame:
+               config_hash: str = "",
+               shared: dict[Any, tuple[nn.Module, float]] | None = None) -> pd.DataFrame:
     """All rows of one sample (row ``position`` of ``samples.table``): every variant, every method.
 
-    One trace per variant (seeded by :func:`sample_seed`) is shared by all methods. Columns
+    One trace per variant (seeded by :func:`sample_seed`) is shared by all methods; ``shared``
+    keeps the many-image networks between samples (:func:`variant_network`). Columns
     :data:`COLUMNS`; rows ordered by variant, then method.
     """
     info = samples.table.iloc[position]
@@ -296,7 +382,7 @@ def run_sample(cfg: Config, model: nn.Module, samples: Samples, position: int,
     mask = samples.poisoned.masks[sample]
     parts = []
     for v in variants:
-        net, seconds, donor = variant_network(cfg, model, samples, position, v)
+        net, seconds, donor = variant_network(cfg, model, samples, position, v, shared)
         prediction = int(predict(net, image[None])[0])
         part = score_methods(net, image, mask, target, methods, method_options)
         part.insert(1, "variant", v.name)
@@ -378,9 +464,9 @@ def evaluate(
     pandas.DataFrame
         Columns :data:`COLUMNS`, one row per (sample, method, variant), in sample order, then
         method, then variant order. ``keeps_prediction``: the variant's network still predicts the
-        Trojan target on the sample; ``donor``: the ISD donor's test index (-1 otherwise);
-        ``trace_seconds`` (0 for dense) and ``attribution_seconds``: wall times; ``config_hash``:
-        :func:`results_key`.
+        Trojan target on the sample; ``donor``: the test index of the other image a single-image
+        source (IST, ISC, ISD) took its views from (-1 otherwise); ``trace_seconds`` (0 for
+        dense) and ``attribution_seconds``: wall times; ``config_hash``: :func:`results_key`.
     """
     if model is None:
         from spade_lib.train import trained_model
@@ -402,9 +488,10 @@ def evaluate(
             "variants": [v.describe() for v in chosen], "method_options": method_options or {},
             "model": model_fingerprint(model), "numerics": reproducibility.settings()})
     ids = samples.ids
+    shared: dict[Any, tuple[nn.Module, float]] = {}
     table = run_resumable(target, ids, lambda position: run_sample(
-        cfg, model, samples, position, methods, chosen, method_options, config_hash=key),
-        progress)
+        cfg, model, samples, position, methods, chosen, method_options, config_hash=key,
+        shared=shared), progress)
     return _ordered(table, ids, methods, [v.name for v in chosen])
 
 

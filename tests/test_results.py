@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from spade_lib import attribution, data, metrics, results
+from spade_lib import attribution, data, metrics, results, sources
 from spade_lib.models import build_model
-from spade_lib.trace import trace
+from spade_lib.trace import trace, trace_images
 
 SECONDS = ["trace_seconds", "attribution_seconds"]
 
@@ -103,6 +103,53 @@ def test_isd_prunes_with_another_image(cfg, model, samples) -> None:
     assert isd["donor"].nunique() == 3 and isd["auc_abs"].notna().all()
     spade = table[table["variant"] == "spade"].set_index("sample")
     assert not np.allclose(spade["auc_abs"], isd["auc_abs"])
+
+
+def test_single_image_sources_prune_with_their_donor(cfg, model, samples) -> None:
+    table = _run(cfg, model, samples, variants=("ist", "isc"), store=False)
+    for position, row in samples.table.iterrows():
+        s, seed = int(row["sample"]), results.sample_seed(cfg.seed, int(row["sample"]))
+        for variant, source in (("ist", "IST"), ("isc", "ISC")):
+            image, donor = sources.single_image(samples, position, source, seed)
+            pruned = trace(model, image, sparsity=cfg.sparsity, pruner=cfg.pruner,
+                           n_augmentations=cfg.n_augmentations, recipe=cfg.augment,
+                           seed=seed).model
+            want = metrics.trojan_scores(
+                attribution.attribute(pruned, samples.poisoned.float_images([s]),
+                                      int(row["target"]), "Saliency"),
+                samples.poisoned.masks[s][None]).iloc[0]
+            got = table[(table["sample"] == s) & (table["variant"] == variant)].iloc[0]
+            assert got["donor"] == donor and _same(got["auc_abs"], want["auc_abs"])
+
+
+def test_many_image_networks_are_made_once_per_group(cfg, model, samples) -> None:
+    mst = results.Variant("mst", cfg.sparsity, source="MST", images=40)
+    shared: dict = {}
+    nets = [results.variant_network(cfg, model, samples, p, mst, shared)
+            for p in range(len(samples))]
+    rules = samples.table["rule"].tolist()
+    assert len(shared) == len(set(rules))
+    for i in range(len(samples)):
+        for j in range(len(samples)):
+            assert (nets[i][0] is nets[j][0]) == (rules[i] == rules[j])
+    _, images = sources.many_images(cfg, samples, 0, "MST", 40)
+    alone = trace_images(model, images, sparsity=cfg.sparsity, pruner=cfg.pruner,
+                         batch_size=results.TRACE_BATCH).model
+    assert torch.equal(alone.fc.weight, nets[0][0].fc.weight) and nets[0][2] == -1
+    table = _run(cfg, model, samples, variants={"mst": mst}, store=False)
+    assert (table["trace_seconds"] > 0).all() and (table["donor"] == -1).all()
+
+
+def test_recipe_and_augmentation_count_reach_the_trace(cfg, model, samples) -> None:
+    v = results.Variant("g", cfg.sparsity, recipe="G+RC", n_augmentations=5)
+    got = results.variant_network(cfg, model, samples, 0, v)[0]
+    s = int(samples.table.iloc[0]["sample"])
+    want = trace(model, samples.poisoned.float_images([s])[0], sparsity=cfg.sparsity,
+                 pruner=cfg.pruner, n_augmentations=5, recipe="G+RC",
+                 seed=results.sample_seed(cfg.seed, s)).model
+    assert torch.equal(got.fc.weight, want.fc.weight)
+    default = results.variant_network(cfg, model, samples, 0, results.Variant("s", cfg.sparsity))
+    assert not torch.equal(got.fc.weight, default[0].fc.weight)
 
 
 class Interrupted(Exception):
