@@ -10,7 +10,8 @@ Modules, one concern each (the README's Layout lists them all): ``config``, ``da
 ``datasets``, ``trojan``, ``models``, ``train``, ``augment``, ``hessians``, ``pruning``,
 ``schedules``, ``trace``, ``attribution``, ``lrp``, ``metrics``, ``fidelity`` (one image's
 gradient noise and mask agreement), ``gradient_noise`` and ``mask_agreement`` (chapters E and K
-over many images), ``samples``, ``results``, ``store``, ``tables``, ``search``, ``widgets``;
+over many images), ``samples``, ``sources`` (where a trace's Hessians come from), ``results``,
+``store``, ``tables``, ``search``, ``ablation`` (chapter D), ``widgets``;
 shared helpers in ``checks``,
 ``files`` and ``reproducibility``. ``spade_lib.trace`` and ``spade_lib.augment`` are the
 functions; import the modules of those names as ``from spade_lib.trace import ...`` /
@@ -19,7 +20,8 @@ functions; import the modules of those names as ``from spade_lib.trace import ..
 
 from spade_lib.attribution import METHODS, Attribution, attribute
 from spade_lib.augment import augment
-from spade_lib.trace import Trace, trace, trace_batch
+from spade_lib.trace import Trace, trace, trace_batch, trace_images
 
-__all__ = ["METHODS", "Attribution", "Trace", "attribute", "augment", "trace", "trace_batch"]
+__all__ = ["METHODS", "Attribution", "Trace", "attribute", "augment", "trace", "trace_batch",
+           "trace_images"]
 __version__ = "0.1.0"
