@@ -154,9 +154,13 @@ def last_stage_variants(model: nn.Module, sparsities: Sequence[float] = LAST_STA
 # Tables
 # --------------------------------------------------------------------------------------------
 
-def join(base: pd.DataFrame, names: Mapping[str, str], *extra: pd.DataFrame) -> pd.DataFrame:
-    """Chapter B's rows for the variants ``names`` (renamed), then the ``extra`` tables' rows, on
-    the samples every extra table has.
+def join(base: pd.DataFrame, names: Mapping[str, str], *extra: pd.DataFrame,
+         common: bool = True) -> pd.DataFrame:
+    """Chapter B's rows for the variants ``names`` (renamed), then the ``extra`` tables' rows.
+
+    With ``common`` (the default) only the samples every table has are kept, so every column
+    has the same samples; without it, every table keeps its own samples (a costly column may
+    have fewer), and the base rows are kept for all of theirs.
 
     Raises
     ------
@@ -170,11 +174,12 @@ def join(base: pd.DataFrame, names: Mapping[str, str], *extra: pd.DataFrame) -> 
                          f"{list(dict.fromkeys(base['variant']))}")
     ids = set(base["sample"])
     for t in extra:
-        ids &= set(t["sample"])
         lost = set(t["sample"]) - set(base["sample"])
         if lost:
             raise ValueError(f"samples {sorted(lost)} have no base rows; explain them with the "
                              "base variants first")
+        if common:
+            ids &= set(t["sample"])
     parts = [base[base["variant"].isin(list(names))].replace({"variant": dict(names)}),
              *extra]
     out = pd.concat([p[p["sample"].isin(ids)] for p in parts], ignore_index=True)

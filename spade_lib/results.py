@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from torch import Tensor, nn
 
-from spade_lib import attribution, config, metrics, reproducibility, schedules, sources
+from spade_lib import attribution, config, metrics, pruning, reproducibility, schedules, sources
 from spade_lib.augment import check_recipe
 from spade_lib.checks import check_positive_int
 from spade_lib.config import Config
@@ -138,6 +138,11 @@ class Variant:
         Augmented views of the trace; ``None``: the config's ``n_augmentations``.
     images
         Images per many-image source (the paper's 10240 by default; a group with fewer uses all).
+    pruner
+        The solver of the trace (:data:`spade_lib.pruning.SOLVERS`); ``None``: the config's.
+    pruner_options
+        Options of the solver (:func:`spade_lib.pruning.prune_layer`: ``damp``, ``mask_group``,
+        ``block_size``), e.g. ``{"mask_group": "row"}``; ``None``: its defaults.
 
     Raises
     ------
@@ -153,6 +158,8 @@ class Variant:
     recipe: str | None = None
     n_augmentations: int | None = None
     images: int = sources.PAPER_IMAGES
+    pruner: str | None = None
+    pruner_options: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         sources.check_source(self.source)
@@ -166,11 +173,17 @@ class Variant:
         if self.n_augmentations is not None:
             check_positive_int(self.n_augmentations, f"variant {self.name!r}: n_augmentations")
         check_positive_int(self.images, f"variant {self.name!r}: images")
+        if self.pruner is not None or self.pruner_options is not None:
+            try:
+                pruning.check_method(self.pruner or "fastobc", dict(self.pruner_options or {}))
+            except ValueError as e:
+                raise ValueError(f"variant {self.name!r}: {e}") from None
         options = (self.source != "ISI", self.recipe is not None,
-                   self.n_augmentations is not None)
+                   self.n_augmentations is not None, self.pruner is not None,
+                   self.pruner_options is not None)
         if self.sparsity is None and any(options):
-            raise ValueError(f"variant {self.name!r}: source, recipe and n_augmentations need a "
-                             "sparsity to prune with")
+            raise ValueError(f"variant {self.name!r}: source, recipe, n_augmentations, pruner "
+                             "and pruner_options need a sparsity to prune with")
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description (for hashing and the store's metadata).
@@ -193,6 +206,10 @@ class Variant:
             out["recipe"] = self.recipe
         if self.n_augmentations is not None:
             out["n_augmentations"] = self.n_augmentations
+        if self.pruner is not None:
+            out["pruner"] = self.pruner
+        if self.pruner_options is not None:
+            out["pruner_options"] = dict(self.pruner_options)
         return out
 
 
@@ -329,8 +346,9 @@ def variant_network(cfg: Config, model: nn.Module, samples: Samples, position: i
                                             variant.images)
         key = (variant.name, group)
         if shared is None or key not in shared:
-            result = trace_images(model, images, sparsity=variant.sparsity, pruner=cfg.pruner,
-                                  batch_size=TRACE_BATCH)
+            result = trace_images(model, images, sparsity=variant.sparsity,
+                                  pruner=variant.pruner or cfg.pruner, batch_size=TRACE_BATCH,
+                                  **dict(variant.pruner_options or {}))
             found = (result.model, result.timings["total"])
             if shared is None:
                 return (*found, -1)
@@ -338,9 +356,10 @@ def variant_network(cfg: Config, model: nn.Module, samples: Samples, position: i
         return (*shared[key], -1)
     seed = sample_seed(cfg.seed, int(samples.table.iloc[position]["sample"]))
     source, donor = sources.single_image(samples, position, variant.source, seed)
-    result = trace(model, source, sparsity=variant.sparsity, pruner=cfg.pruner,
+    result = trace(model, source, sparsity=variant.sparsity, pruner=variant.pruner or cfg.pruner,
                    n_augmentations=variant.n_augmentations or cfg.n_augmentations,
-                   recipe=variant.recipe or cfg.augment, batch_size=TRACE_BATCH, seed=seed)
+                   recipe=variant.recipe or cfg.augment, batch_size=TRACE_BATCH, seed=seed,
+                   **dict(variant.pruner_options or {}))
     return result.model, result.timings["total"], donor
 
 

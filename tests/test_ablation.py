@@ -90,6 +90,9 @@ def test_join_renames_reuses_and_checks(frame):
     assert set(out["variant"]) == {"dense!", "spade", "Z"}
     assert set(out["sample"]) == {0, 1}                      # the samples every table has
     assert len(out) == 2 * 2 * 3
+    own = ablation.join(frame, {"Dense": "D"}, extra, common=False)
+    assert set(own.loc[own["variant"] == "D", "sample"]) == {0, 1, 2, 3}
+    assert set(own.loc[own["variant"] == "Z", "sample"]) == {0, 1}
     with pytest.raises(ValueError, match=r"variants \['nope'\] are not in the base table"):
         ablation.join(frame, {"nope": "N"})
     with pytest.raises(ValueError, match="repeat"):

@@ -124,6 +124,9 @@ def test_old_variants_keep_their_description():
         results.Variant("isd", 0.9, other_image=True)
     assert results.Variant("m", 0.9, source="MST", images=64).describe() == \
         {"name": "m", "sparsity": 0.9, "other_image": False, "source": "MST", "images": 64}
+    assert results.Variant("o", 0.9, pruner="obc", pruner_options={"damp": 0.1}).describe() == \
+        {"name": "o", "sparsity": 0.9, "other_image": False, "pruner": "obc",
+         "pruner_options": {"damp": 0.1}}
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -132,6 +135,8 @@ def test_old_variants_keep_their_description():
     ({"recipe": "J+J"}, "unknown augmentation recipe 'J\\+J'"),
     ({"n_augmentations": 0}, "n_augmentations"),
     ({"images": -3}, "images"),
+    ({"pruner": "sgd"}, "unknown pruning method 'sgd'|'sgd'"),
+    ({"pruner_options": {"mask_group": 0}}, "mask_group must be an int >= 1"),
 ])
 def test_bad_variants_fail_when_made(kwargs, message):
     with pytest.raises(ValueError, match=message):
