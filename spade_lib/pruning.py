@@ -323,16 +323,58 @@ def _fastobc(w: Tensor, u: Tensor, sparsity: float, group: int, block: int) -> T
     return wt.masked_fill_(scale != 0, 0.0).transpose(1, 2)
 
 
+OBC_COMPACT = 8
+"""Exact OBC drops the removed inputs from each row's inverse Hessian whenever the active inputs
+have shrunk by this fraction (1/8) since the last compaction: a removed input's row and column
+of ``H^-1`` are zero after its update, so dropping them changes nothing but the work, which
+falls from ``n^3`` to about ``0.38 n^3`` per row."""
+
+
+def _obc_pass(wr: Tensor, hi: Tensor, order: Tensor, losses: Tensor) -> None:
+    """Pass 1 of :func:`_obc` for a batch of rows: the greedy OBS removals to the end.
+
+    ``wr`` ``[b, n]`` and ``hi`` ``[b, n, n]`` (each row's own ``H^-1``) are worked in place;
+    ``order`` and ``losses`` ``[b, n]`` receive each step's removed input (original index) and
+    its loss ``w_j^2 / [H^-1]_jj``. Removed inputs stay in place, masked, until the next
+    compaction (:data:`OBC_COMPACT`), when every row drops them (all rows have removed the same
+    number, so the batch stays rectangular).
+    """
+    b, n = wr.shape
+    ar = torch.arange(b, device=wr.device)
+    alive = torch.arange(n, device=wr.device).expand(b, n).clone()   # original index per slot
+    done = torch.zeros_like(wr, dtype=torch.bool)
+    t = 0
+    while t < n:
+        m = n - t
+        for _ in range(max(1, m // OBC_COMPACT)):
+            diag = hi.diagonal(dim1=1, dim2=2)
+            scores = (wr**2 / diag).masked_fill_(done, math.inf)
+            j = scores.argmin(1)
+            losses[:, t], order[:, t] = scores[ar, j], alive[ar, j]
+            col = hi[ar, :, j]                           # [b, m]: column j of each row's H^-1
+            dj = col[ar, j].clone()
+            wr.sub_(col * (wr[ar, j] / dj)[:, None])
+            hi.baddbmm_(col[:, :, None], (col / dj[:, None])[:, None, :], alpha=-1)
+            done[ar, j] = True
+            t += 1
+        if t < n:
+            keep = (~done).nonzero()[:, 1].view(b, n - t)  # row-major: each row's kept slots
+            hi = hi[ar[:, None, None], keep[:, :, None], keep[:, None, :]]
+            wr, alive = wr.gather(1, keep), alive.gather(1, keep)
+            done = torch.zeros_like(wr, dtype=torch.bool)
+
+
 def _obc(w: Tensor, hd: Tensor, hinv: Tensor, sparsity: float, batch_bytes: int) -> Tensor:
     """Exact OBC for one layer: ``w`` ``[rows, n]``, damped ``hd`` and its inverse ``hinv``.
 
     Pass 1 runs the greedy OBS removal to the end for every row (rows batched, each with its own
-    copy of ``H^-1``, rank-1 downdated after each removal) and keeps only the removal order and
-    the loss of each step. The budget then gives each row its number of removals: the loss
-    increments of a row are taken in order, and the layer takes the globally cheapest ones, a
-    row's next increment costing the largest increment so far (a heap greedy over rows). Pass 2
-    rebuilds each row's weights for its pruned set with the optimal least-squares compensation
-    ``w_K += H_KK^-1 H_KP w_P``, which is what the sequential OBS updates arrive at.
+    copy of ``H^-1``, rank-1 downdated after each removal, removed inputs dropped from time to
+    time: :func:`_obc_pass`) and keeps only the removal order and the loss of each step. The
+    budget then gives each row its number of removals: the loss increments of a row are taken in
+    order, and the layer takes the globally cheapest ones, a row's next increment costing the
+    largest increment so far (a heap greedy over rows). Pass 2 rebuilds each row's weights for
+    its pruned set with the optimal least-squares compensation ``w_K += H_KK^-1 H_KP w_P``, which
+    is what the sequential OBS updates arrive at.
     """
     rows, n = w.shape
     order = torch.empty(rows, n, dtype=torch.long, device=w.device)
@@ -340,19 +382,8 @@ def _obc(w: Tensor, hd: Tensor, hinv: Tensor, sparsity: float, batch_bytes: int)
     step = max(1, batch_bytes // (n * n * w.element_size()))
     for r1 in range(0, rows, step):
         r2 = min(r1 + step, rows)
-        wr, hi = w[r1:r2].clone(), hinv.expand(r2 - r1, n, n).clone()
-        done = torch.zeros_like(wr, dtype=torch.bool)
-        ar = torch.arange(r2 - r1, device=w.device)
-        for t in range(n):
-            diag = hi.diagonal(dim1=1, dim2=2)
-            scores = (wr**2 / diag).masked_fill_(done, math.inf)
-            j = scores.argmin(1)
-            losses[r1:r2, t], order[r1:r2, t] = scores[ar, j], j
-            col = hi[ar, :, j]                           # [b, n]: column j of each row's H^-1
-            dj = col[ar, j].clone()
-            wr.sub_(col * (wr[ar, j] / dj)[:, None])
-            hi.sub_(col[:, :, None] * (col / dj[:, None])[:, None, :])
-            done[ar, j] = True
+        _obc_pass(w[r1:r2].clone(), hinv.expand(r2 - r1, n, n).clone(), order[r1:r2],
+                  losses[r1:r2])
     total = _budget(sparsity, rows * n)
     keys = losses.cummax(1).values.flatten()
     chosen = keys.sort(stable=True).indices[:total]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -82,6 +83,25 @@ def obc_reference(w, h, sparsity):
         if counts[r] < len(increments[r]):
             heapq.heappush(heap, (increments[r][counts[r]], r))
     return torch.stack([states[r][k] for r, k in enumerate(counts)])
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_obc_dropping_removed_inputs_changes_nothing(seed):
+    """40 inputs: the pass drops removed inputs after 5, 4, 4, ... steps (OBC_COMPACT); the
+    result is still the sequential reference's, and the removal order is the full pass's."""
+    w, h = random_layer((3, 40), seed, spread=2.0)
+    out, _ = prune_layer(w, h, 0.7, "obc", damp=0.0)
+    torch.testing.assert_close(out, obc_reference(w, h, 0.7), rtol=1e-7, atol=1e-9)
+    hinv = torch.linalg.inv(h)
+    orders = []
+    for compact in (pruning.OBC_COMPACT, 1):              # 1: never drop (the full pass)
+        order, losses = torch.empty(3, 40, dtype=torch.long), torch.empty(3, 40, dtype=w.dtype)
+        with mock.patch.object(pruning, "OBC_COMPACT", compact):
+            pruning._obc_pass(w.clone(), hinv.expand(3, 40, 40).clone(), order, losses)
+        orders.append((order, losses))
+    assert torch.equal(orders[0][0], orders[1][0])
+    torch.testing.assert_close(orders[0][1], orders[1][1], rtol=1e-9, atol=1e-12)
+    assert sorted(orders[0][0][0].tolist()) == list(range(40))
 
 
 @pytest.mark.parametrize("seed", range(6))
