@@ -32,12 +32,12 @@ __all__ = ["COLUMNS", "OBC_SAMPLES", "PAPER", "PAPER_SECONDS", "last_stage_spars
 COLUMNS = ("Dense", "Sparse FC", "OBC", "FOBC", "FOBC L4 1024", "FOBC L4 128", "FOBC linear")
 """The columns of Tables I.16 and I.17, in the paper's order."""
 
-OBC_SAMPLES = 1
+OBC_SAMPLES = 2
 """Samples the chapter explains with exact OBC by default. OBC removes one weight at a time and
-updates the rest of its row, every row of every layer: about 6 minutes per sample for the
+updates the rest of its row, every row of every layer: about a minute per sample for the
 ``cpu`` preset's ResNet-18-style model on 2 CPU cores (41 minutes on the paper's GPU for
-ResNet50), so the default ``make book`` affords one; its column then has no standard error, and
-``-p obc_samples N`` buys one."""
+ResNet50), so the default ``make book`` affords two, the fewest that give a standard error;
+``-p obc_samples N`` buys more."""
 
 PAPER = {
     "auc": {"Dense": 90.96, "Sparse FC": 91.5, "OBC": 96.55, "FOBC": 95.16,
