@@ -10,8 +10,9 @@ Modules, one concern each (the README's Layout lists them all): ``config``, ``da
 ``datasets``, ``trojan``, ``models``, ``train``, ``augment``, ``hessians``, ``pruning``,
 ``schedules``, ``trace``, ``attribution``, ``lrp``, ``metrics``, ``fidelity`` (one image's
 gradient noise and mask agreement), ``gradient_noise`` and ``mask_agreement`` (chapters E and K
-over many images), ``samples``, ``sources`` (where a trace's Hessians come from), ``results``,
-``store``, ``tables``, ``search``, ``ablation`` (chapter D), ``widgets``;
+over many images), ``samples``, ``sources`` (where a trace's Hessians come from), ``variants``
+(the networks a sample is explained with), ``results``, ``store``, ``tables``, ``search``,
+``ablation`` (chapter D), ``fastobc`` (chapter I), ``widgets``;
 shared helpers in ``checks``,
 ``files`` and ``reproducibility``. ``spade_lib.trace`` and ``spade_lib.augment`` are the
 functions; import the modules of those names as ``from spade_lib.trace import ...`` /

@@ -29,7 +29,7 @@ from torch import nn
 
 from spade_lib import search, sources, tables
 from spade_lib.config import Config
-from spade_lib.results import Variant
+from spade_lib.variants import Variant
 
 __all__ = [
     "AUGMENTATION_COUNTS", "BLOCK_SPARSITY", "DEFAULT_SAMPLES", "LAST_STAGE_SPARSITIES",

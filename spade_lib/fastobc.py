@@ -22,8 +22,9 @@ from torch import nn
 
 from spade_lib import ablation, schedules, tables
 from spade_lib.config import Config
-from spade_lib.results import TRACE_BATCH, Samples, Variant, sample_seed
+from spade_lib.samples import Samples, sample_seed
 from spade_lib.trace import trace
+from spade_lib.variants import TRACE_BATCH, Variant
 
 __all__ = ["COLUMNS", "OBC_SAMPLES", "PAPER", "PAPER_SECONDS", "last_stage_sparsity",
            "mask_group_errors", "mask_group_table", "reused", "seconds", "solver_table",
