@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from torch import Tensor, nn
 
-from spade_lib import attribution, config, metrics, reproducibility
+from spade_lib import attribution, config, metrics, reproducibility, schedules
 from spade_lib.config import Config
 from spade_lib.models import fingerprint as model_fingerprint
 from spade_lib.models import predict
@@ -349,7 +349,8 @@ class ArchitectureRun:
     trained
         Its trained model with clean accuracy, attack success and training time.
     table
-        The results table (dense and ``spade``, :data:`MERGED_METHODS` merged when they agree);
+        The results table (``dense``, ``spade`` and, for a schedule other than the linear one,
+        ``spade-linear``; :data:`MERGED_METHODS` merged when they agree);
         ``None`` when the network did not learn the task (clean accuracy under
         :data:`MIN_ACCURACY`).
     gap
@@ -374,9 +375,11 @@ def other_architecture(preset: str, samples: int | None = None,
 
     Trains (or loads) the preset's model; a network whose clean accuracy is under
     :data:`MIN_ACCURACY` is not explained (``table`` is ``None``). Otherwise its evaluation
-    samples are explained dense and through SPADE with the preset's ``sparsity``
-    (:func:`evaluate`, cached), and :data:`MERGED_METHODS` are merged into one row
-    ``"InputXGradient / DeepLift"`` when no score differs by more than :data:`MERGE_ATOL`.
+    samples are explained dense and through SPADE with the preset's ``sparsity`` (variant
+    ``spade``) and, when that is not the linear schedule, also with the linear one
+    (``spade-linear``, as chapter B's main table; :func:`evaluate`, cached), and
+    :data:`MERGED_METHODS` are merged into one row ``"InputXGradient / DeepLift"`` when no score
+    differs by more than :data:`MERGE_ATOL`.
 
     Parameters
     ----------
@@ -394,7 +397,13 @@ def other_architecture(preset: str, samples: int | None = None,
     if trained.clean_accuracy < MIN_ACCURACY:
         return ArchitectureRun(cfg, trained, None, math.nan)
     model = trained.model.to(cfg.torch_device())
-    table = evaluate(cfg, model, evaluation_samples(cfg, model), variants=("dense", "spade"),
+    variants = {"dense": None, "spade": cfg.sparsity}
+    spec = cfg.sparsity
+    if isinstance(spec, str) and spec.startswith("linear"):
+        spec = schedules.parse_spec(spec)
+    if spec != schedules.linear():
+        variants["spade-linear"] = "linear"
+    table = evaluate(cfg, model, evaluation_samples(cfg, model), variants=variants,
                      progress=progress)
     pair = list(MERGED_METHODS)
     gap = score_gap(table, pair) if set(pair) <= set(cfg.methods) else math.nan

@@ -317,11 +317,20 @@ def _pair_frame(gap: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _preset(folder: Path, base: str, **keys) -> Path:
+    """A preset file that starts from ``base`` and sets ``keys``."""
+    import yaml
+
+    path = folder / f"{base}-variant.yaml"
+    path.write_text(yaml.safe_dump({"base": base, **keys}))
+    return path
+
+
 @pytest.mark.parametrize(("accuracy", "gap", "merged"), [
     (0.19, 0.0, None), (0.9, results.MERGE_ATOL / 2, True), (0.9, 2 * results.MERGE_ATOL, False),
 ])
 def test_other_architecture_skips_unlearned_models_and_merges_equal_methods(
-        monkeypatch, accuracy, gap, merged) -> None:
+        monkeypatch, tmp_path, accuracy, gap, merged) -> None:
     from spade_lib import train
 
     calls = []
@@ -334,12 +343,18 @@ def test_other_architecture_skips_unlearned_models_and_merges_equal_methods(
         return _pair_frame(gap)
 
     monkeypatch.setattr(results, "evaluate", evaluate)
+    searched = results.other_architecture(
+        str(_preset(tmp_path, "smoke-mobilenetv2", sparsity={"fc": 0.5})), progress=False)
+    if merged is not None:
+        assert calls.pop() == ("samples", {"dense": None, "spade": {"fc": 0.5},
+                                           "spade-linear": "linear"})
+        assert searched.cfg.sparsity == {"fc": 0.5}
     run = results.other_architecture("smoke-mobilenetv2", samples=5, progress=False)
     assert run.cfg.samples == 5 and run.trained is fake
     if merged is None:
         assert run.table is None and math.isnan(run.gap) and calls == []
         return
-    assert calls == [("samples", ("dense", "spade"))]
+    assert calls == [("samples", {"dense": None, "spade": "linear"})]   # linear: not twice
     assert run.gap == pytest.approx(gap) and run.merged is merged
     methods = list(dict.fromkeys(run.table["method"]))
     if merged:
