@@ -36,7 +36,7 @@ from spade_lib import attribution, data, metrics, reproducibility, results
 from spade_lib.checks import check_positive_int
 from spade_lib.config import Config
 from spade_lib.models import fingerprint, predict
-from spade_lib.samples import Samples, evaluation_samples, sample_seed
+from spade_lib.samples import Samples, TableRows, evaluation_samples, sample_seed
 from spade_lib.store import ResultStore, open_store, run_resumable
 from spade_lib.trace import trace
 
@@ -82,7 +82,7 @@ predicts ``explained`` too."""
 # --------------------------------------------------------------------------------------------
 
 @dataclass(eq=False)
-class CleanImages:
+class CleanImages(TableRows):
     """Clean test images to explain (no Trojan patch).
 
     Attributes
@@ -96,14 +96,6 @@ class CleanImages:
 
     table: pd.DataFrame
     test: data.SceneSet
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    @property
-    def ids(self) -> list[int]:
-        """Test-set positions, in table order."""
-        return [int(s) for s in self.table["sample"]]
 
 
 def clean_images(cfg: Config, model: nn.Module, n: int) -> CleanImages:

@@ -24,7 +24,7 @@ from spade_lib.config import Config
 from spade_lib.models import predict
 
 __all__ = [
-    "SAMPLE_COLUMNS", "Samples", "evaluation_samples", "isd_donor", "sample_seed",
+    "SAMPLE_COLUMNS", "Samples", "TableRows", "evaluation_samples", "isd_donor", "sample_seed",
     "select_samples", "tuning_samples",
 ]
 
@@ -44,8 +44,22 @@ def sample_seed(seed: int, sample: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(sample), 0x5EAD]).generate_state(1)[0])
 
 
+class TableRows:
+    """What a set of explained images shares: a ``table`` whose ``sample`` column holds ids."""
+
+    table: pd.DataFrame
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def ids(self) -> list[int]:
+        """The ``sample`` ids, in table order."""
+        return [int(s) for s in self.table["sample"]]
+
+
 @dataclass(eq=False)
-class Samples:
+class Samples(TableRows):
     """Evaluation samples: a table of Trojan test images plus the sets they come from.
 
     Attributes
@@ -63,14 +77,6 @@ class Samples:
     table: pd.DataFrame
     poisoned: data.PoisonedSet
     test: data.SceneSet
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    @property
-    def ids(self) -> list[int]:
-        """Sample ids (positions in :attr:`poisoned`), in table order."""
-        return [int(s) for s in self.table["sample"]]
 
     def images(self) -> Tensor:
         """The patched images as float ``[n, 3, H, W]`` in [0, 1]."""

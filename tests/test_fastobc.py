@@ -6,6 +6,7 @@ import math
 
 import pandas as pd
 import pytest
+import torch
 
 from spade_lib import config, fastobc, results, schedules
 from spade_lib.models import build_model
@@ -75,7 +76,8 @@ def test_mask_group_errors_are_the_trace_reports(model, scenes):
     assert paper["rel_error"].tolist() == pytest.approx(report["rel_error"].tolist())
     row = errors[errors["group"] == "row"]
     assert len(row) == len(paper) and (row["rel_error"] >= 0).all()
-    assert not row["rel_error"].equals(paper["rel_error"].reset_index(drop=True))
+    assert not torch.equal(torch.tensor(row["rel_error"].to_numpy()),
+                           torch.tensor(paper["rel_error"].to_numpy()))  # another mask
     table = fastobc.mask_group_table(errors)
     assert list(table.index)[-1] == "mean over layers"
     assert table.loc["mean over layers", "paper / row"] == pytest.approx(
