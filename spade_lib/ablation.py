@@ -39,7 +39,7 @@ __all__ = [
     "recipe_variants", "search_gain", "source_variants", "verdicts",
 ]
 
-DEFAULT_SAMPLES = 12
+DEFAULT_SAMPLES = 8
 """Samples the chapter explains by default (the paper: 100, ``-p samples 100``): chosen so that
 the chapter fits the ``make book`` budget at the ``cpu`` preset on a 2-core machine."""
 
@@ -232,7 +232,7 @@ def against(results: pd.DataFrame, columns: Sequence[str], baseline: str = "Dens
     rows = []
     for c in columns:
         s = tables.summary(results, c, baseline).loc["Average"]
-        kept_ids = _kept_samples(results, c)
+        kept_ids = tables.kept_samples(results, c)
         kept = results[results["sample"].isin(kept_ids)]
         if len(kept_ids):
             k = tables.summary(kept, c, baseline).loc["Average"]
@@ -246,11 +246,6 @@ def against(results: pd.DataFrame, columns: Sequence[str], baseline: str = "Dens
                      "AUC delta (kept)": kept_delta, "+- se (kept)": kept_se,
                      "n": int(s["n"]), "n kept": len(kept_ids)})
     return pd.DataFrame(rows, columns=list(AGAINST_COLUMNS)).set_index("column")
-
-
-def _kept_samples(results: pd.DataFrame, variant: str) -> list[int]:
-    rows = results[results["variant"] == variant].drop_duplicates("sample")
-    return rows.loc[rows["keeps_prediction"].astype(bool), "sample"].tolist()
 
 
 def no_better_verdict(delta: float, se: float) -> str:

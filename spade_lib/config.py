@@ -47,7 +47,7 @@ TRAINING_KEYS = (
 
 # Keys added after caches existed, with the value that reproduces the earlier behaviour: a key at
 # that value is left out of digests, so earlier checkpoints and results stay valid.
-LATE_KEYS = {"random_shift": 0, "optimizer": "sgd", "warmup_steps": 0}
+LATE_KEYS = {"random_shift": 0, "optimizer": "sgd", "warmup_steps": 0, "search_methods": None}
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,9 @@ class Config:
     samples: int = field(default=100, metadata={"min": 1})
     tuning_samples: int = field(default=24, metadata={"min": 1})
     methods: list[str] = field(default_factory=lambda: ["Saliency", "IntegratedGradients"])
+    # the methods whose mean AUC the sparsity search maximizes (None: ``methods``); a preset can
+    # evaluate more methods than it searched with, without invalidating its saved search
+    search_methods: list[str] | None = None
 
     def replace(self, **changes: Any) -> Config:
         """Return a validated copy with ``changes`` applied."""
@@ -187,12 +190,12 @@ def _check_sparsity(value: Any) -> None:
         raise ValueError(f"config key 'sparsity': {e}") from None
 
 
-def _check_methods(methods: list[str]) -> None:
+def _check_methods(methods: list[str], key: str = "methods") -> None:
     from spade_lib.attribution import available
 
     unknown = [m for m in methods if m not in available()]
     if unknown:
-        raise ValueError(f"config key 'methods': unknown attribution method(s) {unknown}; "
+        raise ValueError(f"config key {key!r}: unknown attribution method(s) {unknown}; "
                          f"allowed: {', '.join(available())}")
 
 
@@ -231,6 +234,8 @@ def from_dict(data: Mapping[str, Any]) -> Config:
         _check_sparsity(clean["sparsity"])
     if "methods" in clean:
         _check_methods(clean["methods"])
+    if clean.get("search_methods") is not None:
+        _check_methods(clean["search_methods"], "search_methods")
     return Config(**clean)
 
 

@@ -39,7 +39,8 @@ from spade_lib.models import device_of
 
 __all__ = [
     "GRID", "SEARCH_AGGREGATIONS", "SEARCH_KEYS", "Candidates", "SearchResult", "greedy_search",
-    "layer_groups", "saved_search", "search_digest", "schedule_score", "search_sparsity",
+    "layer_groups", "saved_search", "search_digest", "search_methods", "schedule_score",
+    "search_sparsity",
 ]
 
 GRID = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99)
@@ -424,7 +425,8 @@ def search_sparsity(
         Tuning samples of that model (default :func:`spade_lib.results.tuning_samples`); samples
         carrying the evaluation rules are refused.
     methods
-        Saliency methods averaged in the score (default ``cfg.methods``).
+        Saliency methods averaged in the score (default ``cfg.search_methods``, else
+        ``cfg.methods``).
     grid
         Candidate sparsities per group (default :data:`GRID`).
     groups
@@ -443,7 +445,7 @@ def search_sparsity(
         raise ValueError(f"unknown aggregation {aggregation!r}; allowed: "
                          f"{', '.join(SEARCH_AGGREGATIONS)}")
     grid = _check_grid(grid)
-    methods = list(cfg.methods if methods is None else methods)
+    methods = list(search_methods(cfg) if methods is None else methods)
     results.check_methods(methods, method_options)
     if model is None:
         from spade_lib.train import trained_model
@@ -493,13 +495,20 @@ def search_sparsity(
     return result
 
 
+def search_methods(cfg: Config) -> list[str]:
+    """The methods the search scores with: ``cfg.search_methods``, else ``cfg.methods``."""
+    return list(cfg.search_methods if cfg.search_methods is not None else cfg.methods)
+
+
 def search_digest(cfg: Config) -> str:
     """Hash of what a saved search depends on: the held-out model's training keys, the search
-    keys, the tuning rules and samples, and the methods (a changed preset invalidates it)."""
+    keys, the tuning rules and samples, and the methods searched with (:func:`search_methods`;
+    a changed preset invalidates it)."""
     from spade_lib.config import TRAINING_KEYS
 
     keys = (*TRAINING_KEYS, *SEARCH_KEYS, "tuning_rules", "tuning_samples", "methods")
-    return cfg.digest(tuple(dict.fromkeys(keys)))
+    searched = cfg.replace(methods=search_methods(cfg), search_methods=None)
+    return searched.digest(tuple(dict.fromkeys(keys)))
 
 
 def saved_search(cfg: Config, progress: bool = True) -> tuple[SearchResult, dict[str, Any]]:

@@ -31,8 +31,9 @@ from spade_lib import metrics
 
 __all__ = [
     "ALL_LAYERS", "OVERVIEW_COLUMNS", "PAPER_AUC_GAIN", "claim_verdict", "class_change",
-    "difference_sentence", "gain_sentence", "headline", "layer_means", "merge_methods",
-    "overview", "prediction_kept", "range_verdict", "score_gap", "spread", "summary", "table_b2",
+    "difference_sentence", "gain_sentence", "headline", "kept_samples", "layer_means",
+    "merge_methods", "on_kept", "overview", "prediction_kept", "range_verdict", "score_gap",
+    "spread", "summary", "table_b2",
     "variant_table", "wins",
 ]
 
@@ -293,6 +294,22 @@ def prediction_kept(results: pd.DataFrame) -> pd.Series:
     return per_sample.groupby("variant", sort=False)["keeps_prediction"].mean()
 
 
+def kept_samples(results: pd.DataFrame, variant: str = "spade") -> list[int]:
+    """The samples (in the table's order) on which ``variant``'s network still predicts the
+    Trojan target; an unknown variant raises ``ValueError``."""
+    rows = results[results["variant"] == variant].drop_duplicates("sample")
+    if rows.empty:
+        raise ValueError(f"variant {variant!r} is not in the results; it has "
+                         f"{sorted(set(results['variant']))}")
+    return rows.loc[rows["keeps_prediction"].astype(bool), "sample"].tolist()
+
+
+def on_kept(results: pd.DataFrame, variant: str = "spade") -> pd.DataFrame:
+    """Every variant's rows of ``results`` on :func:`kept_samples` of ``variant`` only: the
+    samples where the pruned copy still makes the decision it is meant to explain."""
+    return results[results["sample"].isin(kept_samples(results, variant))]
+
+
 
 # --------------------------------------------------------------------------------------------
 # The book's layouts and sentences
@@ -454,8 +471,11 @@ OVERVIEW_COLUMNS = {
 
 def overview(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     """The cross-model overview: one row per model (``label -> results table``), the ``Average``
-    row of its :func:`summary` (dense vs ``spade``), columns :data:`OVERVIEW_COLUMNS`."""
-    rows = {label: summary(t)[list(OVERVIEW_COLUMNS)].loc["Average"]
+    row of its :func:`summary` (dense vs ``spade``), columns :data:`OVERVIEW_COLUMNS`. A model
+    whose table is empty (say, :func:`on_kept` where SPADE kept no sample) gets NaN scores and
+    0 samples."""
+    empty = pd.Series({c: 0 if c == "n" else math.nan for c in OVERVIEW_COLUMNS})
+    rows = {label: summary(t)[list(OVERVIEW_COLUMNS)].loc["Average"] if len(t) else empty
             for label, t in tables.items()}
     out = pd.DataFrame(rows).T
     out.columns = list(OVERVIEW_COLUMNS.values())

@@ -57,6 +57,7 @@ def test_overrides_apply_and_are_validated() -> None:
         ({"sparsity": "linear:0:1.5"}, ["sparsity", "1.5"]),
         ({"sparsity": {"fc": 2.0}}, ["sparsity", "2.0"]),
         ({"methods": "Saliency"}, ["'methods'", "list"]),
+        ({"search_methods": ["Saliency", "Gradcam"]}, ["'search_methods'", "'Gradcam'", "LRP"]),
         ({"image_size": 8}, ["'image_size'", "8", "[16,"]),
     ],
 )

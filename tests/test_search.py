@@ -247,3 +247,10 @@ def test_saved_search_is_used_only_while_the_preset_matches(cfg, monkeypatch, tm
         search.saved_search(cfg.replace(tuning_samples=cfg.tuning_samples + 1))
     assert calls == [cfg.tuning_rules]  # the held-out model, never the evaluation one
     assert search.search_digest(cfg) == search.search_digest(cfg.replace(sparsity=0.5))
+    # evaluating more methods than were searched with keeps the saved search ...
+    more = cfg.replace(methods=[*cfg.methods, "Occlusion"], search_methods=cfg.methods)
+    assert search.search_digest(more) == search.search_digest(cfg)
+    assert search.search_methods(more) == cfg.methods
+    # ... searching with other methods does not
+    assert search.search_digest(cfg.replace(search_methods=["Saliency"])) \
+        != search.search_digest(cfg)

@@ -75,6 +75,20 @@ def test_variant_table_and_prediction_kept() -> None:
         tables.variant_table(frame, "iou")
 
 
+def test_on_kept_restricts_every_variant_to_the_samples_spade_keeps() -> None:
+    frame = _frame()
+    assert tables.kept_samples(frame) == [0, 1]               # spade loses sample 2
+    assert tables.kept_samples(frame, "dense") == [0, 1, 2]
+    kept = tables.on_kept(frame)
+    assert sorted(set(kept["sample"])) == [0, 1] and set(kept["variant"]) == {"dense", "spade"}
+    s = tables.summary(kept)
+    # A: best-aggregation means on samples 0 and 1, dense abs 0.8 -> spade sum 0.95
+    assert s.loc["A", "auc_delta"] == pytest.approx(100 * (0.95 - 0.8))
+    assert s["n"].iloc[-1] == 2
+    with pytest.raises(ValueError, match="variant 'isd' is not in the results"):
+        tables.kept_samples(frame, "isd")
+
+
 def test_merge_methods_only_merges_equal_scores() -> None:
     frame = _frame()
     twin = frame[frame["method"] == "A"].assign(method="A2")
@@ -186,6 +200,9 @@ def test_overview_takes_each_models_average_row() -> None:
     assert out.loc["second", "+- se"] == s["auc_se"]
     assert out.loc["first", "PG delta"] == pytest.approx(100 / 3)
     assert out.loc["first", "samples"] == 3
+    empty = tables.overview({"none kept": _frame().iloc[:0]})
+    assert empty.loc["none kept", "samples"] == 0
+    assert empty.drop(columns="samples").isna().all(axis=None)
 
 
 def test_class_change_names_both_classes() -> None:
