@@ -39,7 +39,7 @@ __all__ = [
     "recipe_variants", "search_gain", "source_variants", "verdicts",
 ]
 
-DEFAULT_SAMPLES = 8
+DEFAULT_SAMPLES = 6
 """Samples the chapter explains by default (the paper: 100, ``-p samples 100``): chosen so that
 the chapter fits the ``make book`` budget at the ``cpu`` preset on a 2-core machine."""
 

@@ -193,6 +193,9 @@ def _check_sparsity(value: Any) -> None:
 def _check_methods(methods: list[str], key: str = "methods") -> None:
     from spade_lib.attribution import available
 
+    if not methods or len(set(methods)) != len(methods):
+        raise ValueError(f"config key {key!r}: {methods!r} must be a non-empty list of unique "
+                         "method names")
     unknown = [m for m in methods if m not in available()]
     if unknown:
         raise ValueError(f"config key {key!r}: unknown attribution method(s) {unknown}; "

@@ -106,7 +106,7 @@ def table_f15(runs: Mapping[str, tuple[CostRun, Mapping[str, Any]]]) -> pd.DataF
         arch = str(run.samples["arch"].iloc[0])
         for solver in SOLVERS:
             first = run.samples.loc[run.samples["solver"] == solver, "first"]
-            mean, se = float(first.mean()), tables._se(first)
+            mean, se = float(first.mean()), tables.standard_error(first)
             fc = float(sparse["prepare"])
             ratio = mean / fc if fc > 0 else math.nan
             rows.append({"model": label, "solver_label": {"obc": "SPADE (OBC)",

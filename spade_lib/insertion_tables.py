@@ -20,7 +20,7 @@ import pandas as pd
 
 from spade_lib import metrics
 from spade_lib.insertion import SPARSE_FC, VARIANTS
-from spade_lib.tables import claim_verdict
+from spade_lib.tables import claim_verdict, standard_error
 
 __all__ = [
     "LABELS", "METRICS", "PAPER_J18", "PAPER_J18_GAIN", "claim_sentence", "claim_verdict",
@@ -102,12 +102,6 @@ def _choose(rows: pd.DataFrame, metric: str, normalised: bool,
     return out[[*keys, "sample", "aggregation"]].assign(value=out[column].to_numpy())
 
 
-def _se(values: pd.Series) -> float:
-    """Standard error of the mean of the non-NaN ``values`` (NaN for fewer than two)."""
-    v = values.dropna()
-    return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
-
-
 def summary(rows: pd.DataFrame, normalised: bool = True, aggregation: str = "best",
             percent: bool = True) -> pd.DataFrame:
     """Mean insertion and deletion per method and variant, with standard errors (tidy).
@@ -145,14 +139,15 @@ def summary(rows: pd.DataFrame, normalised: bool = True, aggregation: str = "bes
             for m in methods:
                 label = part.loc[part["method"] == m, "aggregation"]
                 out.append({"metric": metric, "method": m, "variant": v,
-                            "value": scale * wide[m].mean(), "se": scale * _se(wide[m]),
+                            "value": scale * wide[m].mean(),
+                            "se": scale * standard_error(wide[m]),
                             "n": int(wide[m].notna().sum()),
                             "aggregation": label.iloc[0] if len(label) else None})
             every = wide.dropna()
             means = [r["value"] for r in out[-len(methods):]]
             out.append({"metric": metric, "method": "Average", "variant": v,
                         "value": float(np.mean(means)) if methods else math.nan,
-                        "se": scale * _se(every.mean(axis=1)), "n": len(every),
+                        "se": scale * standard_error(every.mean(axis=1)), "n": len(every),
                         "aggregation": None})
     return pd.DataFrame(out)
 
@@ -185,7 +180,7 @@ def differences(rows: pd.DataFrame, variant: str = "spade", baseline: str = "den
         for m in [*methods, "Average"]:
             d = diff.dropna().mean(axis=1) if m == "Average" else diff[m].dropna()
             out.append({"metric": metric, "method": m, "delta": float(d.mean()) if len(d)
-                        else math.nan, "se": _se(d), "n": len(d),
+                        else math.nan, "se": standard_error(d), "n": len(d),
                         "better": int((sign * d > 0).sum()), "worse": int((sign * d < 0).sum())})
     return pd.DataFrame(out)
 

@@ -50,7 +50,7 @@ ImageNet, 0.99 sparsity), highest in earlier layers and for the most similar ima
 PAPER_MASK_SPARSITY = 0.99
 """Figure K.11: the sparsity of every layer in the traces whose masks are compared."""
 
-MIN_PAIRS = 50
+MIN_PAIRS = 40
 """Pairs per kind for Figure K.11 when the preset affords it (:func:`default_pairs`)."""
 
 _VERSION = 1

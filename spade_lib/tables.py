@@ -33,7 +33,7 @@ __all__ = [
     "ALL_LAYERS", "OVERVIEW_COLUMNS", "PAPER_AUC_GAIN", "claim_verdict", "class_change",
     "difference_sentence", "gain_sentence", "headline", "kept_samples", "layer_means",
     "merge_methods", "on_kept", "overview", "prediction_kept", "range_verdict", "score_gap",
-    "spread", "summary", "table_b2",
+    "spread", "standard_error", "summary", "table_b2",
     "variant_table", "wins",
 ]
 
@@ -102,7 +102,8 @@ def _metric_columns(results: pd.DataFrame, metric: str, variant: str, baseline: 
     diffs = {m: values[variant][m] - values[baseline][m] for m in methods}
     per_sample = pd.concat(diffs, axis=1).mean(axis=1, skipna=True)
     table[f"{metric}_delta"] = table[f"{metric}_{variant}"] - table[f"{metric}_{baseline}"]
-    table[f"{metric}_se"] = [scale * _se(diffs[m]) for m in methods] + [scale * _se(per_sample)]
+    table[f"{metric}_se"] = ([scale * standard_error(diffs[m]) for m in methods]
+                             + [scale * standard_error(per_sample)])
     chosen = [best[name]["aggregation"] for name in (baseline, variant)]
     labels = [f"{chosen[0][m]}/{chosen[1][m]}" for m in methods]
     table[f"{metric}_aggregation"] = pd.Series([*labels, None], index=table.index, dtype=object)
@@ -234,7 +235,8 @@ def wins(results: pd.DataFrame, variant: str = "spade", baseline: str = "dense",
     return pd.DataFrame(rows).set_index("method")
 
 
-def _se(values: pd.Series) -> float:
+def standard_error(values: pd.Series) -> float:
+    """Standard error of the mean of the non-NaN ``values`` (NaN for fewer than two)."""
     v = values.dropna()
     return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
 

@@ -58,6 +58,8 @@ def test_overrides_apply_and_are_validated() -> None:
         ({"sparsity": {"fc": 2.0}}, ["sparsity", "2.0"]),
         ({"methods": "Saliency"}, ["'methods'", "list"]),
         ({"search_methods": ["Saliency", "Gradcam"]}, ["'search_methods'", "'Gradcam'", "LRP"]),
+        ({"search_methods": []}, ["'search_methods'", "non-empty list of unique"]),
+        ({"methods": ["Saliency", "Saliency"]}, ["'methods'", "non-empty list of unique"]),
         ({"image_size": 8}, ["'image_size'", "8", "[16,"]),
     ],
 )
