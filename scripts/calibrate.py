@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from spade_lib import calibration, config, results
 from spade_lib.train import trained_model
@@ -32,10 +31,10 @@ def main() -> None:
     parser.add_argument("--out", default=None,
                         help="CSV to append to (default params/PRESET-calibration.csv)")
     args = parser.parse_args()
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
+    try:
+        overrides = config.parse_overrides(args.set)
+    except ValueError as e:
+        parser.error(str(e))
     cfg = config.load(args.preset, **overrides)
     out = Path(args.out or ROOT / "params" / f"{cfg.name}-calibration.csv")
 

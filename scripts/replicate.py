@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import yaml
-
 from spade_lib import config, replicates, results
 from spade_lib.train import trained_model
 
@@ -51,10 +49,10 @@ def main() -> None:
     parser.add_argument("--out", default=None,
                         help="CSV to write (default params/PRESET-replicates.csv)")
     args = parser.parse_args()
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
+    try:
+        overrides = config.parse_overrides(args.set)
+    except ValueError as e:
+        parser.error(str(e))
     if not args.seeds and not overrides:
         parser.error("give --seeds and/or --set KEY=VALUE: a replicate differs from the preset")
     if args.seeds and "seed" in overrides:

@@ -14,7 +14,7 @@ import json
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -240,6 +240,19 @@ def from_dict(data: Mapping[str, Any]) -> Config:
     if clean.get("search_methods") is not None:
         _check_methods(clean["search_methods"], "search_methods")
     return Config(**clean)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["epochs=2", "sparsity={fc: 0.8}"]`` -> ``{"epochs": 2, "sparsity": {"fc": 0.8}}``: the
+    ``--set KEY=VALUE`` arguments of the scripts, each value read as YAML (keys and values are
+    validated later, by :func:`load`). An item without ``=`` raises ``ValueError``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is not of the form KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def preset_names() -> list[str]:

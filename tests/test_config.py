@@ -137,3 +137,14 @@ def test_late_keys_at_their_old_value_keep_old_digests(key: str, other: object) 
     old = hashlib.sha256(json.dumps(without, sort_keys=True, default=str).encode()).hexdigest()
     assert cfg.digest(config.TRAINING_KEYS) == old[:12]
     assert cfg.replace(**{key: other}).digest(config.TRAINING_KEYS) != old[:12]
+
+
+def test_parse_overrides_reads_yaml_values_and_names_a_bad_item() -> None:
+    got = config.parse_overrides(["epochs=2", "sparsity={fc: 0.8}", "methods=[Saliency]",
+                                  "device=cpu"])
+    assert got == {"epochs": 2, "sparsity": {"fc": 0.8}, "methods": ["Saliency"],
+                   "device": "cpu"}
+    assert config.load("smoke", **got).sparsity == {"fc": 0.8}
+    for bad in ("epochs", "=2"):
+        with pytest.raises(ValueError, match=f"override '{bad}' is not of the form KEY=VALUE"):
+            config.parse_overrides([bad])
