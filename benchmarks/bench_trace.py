@@ -25,6 +25,8 @@ GPU, torchvision ResNet-50 at 224 px with 1024 augmentations::
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import os
 import sys
 import threading
@@ -232,6 +234,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--skip-baseline", action="store_true", help="only time spade_lib")
+    parser.add_argument("--out", default=None,
+                        help="also write the table, device and date to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -276,6 +280,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if not args.skip_baseline:
         ratio = table.total["straightforward (published)"] / table.total["spade_lib.trace"]
         print(f"speed-up of spade_lib.trace over the straightforward implementation: {ratio:.1f}x")
+    if args.samples > 1:
+        batch = table.total[f"spade_lib.trace_batch (x{args.samples})"]
+        print(f"trace_batch throughput: {1 / batch:.2f} samples/s")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({
+            "device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "arch": args.arch, "image_size": args.image_size,
+            "n_augmentations": args.n_augmentations, "sparsity": str(args.sparsity),
+            "samples": args.samples,
+            "seconds_per_sample": table.reset_index().to_dict("records")}, indent=1) + "\n")
+        print(f"written to {args.out}")
     return table
 
 

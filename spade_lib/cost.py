@@ -54,8 +54,8 @@ from spade_lib.trace import Trace, trace
 __all__ = [
     "LAYER_COLUMNS", "PHASES", "RESULTS_DIR", "ROW_BUDGET", "SOLVERS", "SWEEPS", "SWEEP_COLUMNS",
     "SWEEP_SPARSITIES", "BenchResults", "CostRun", "bench_note", "machine", "machine_sentence",
-    "read_results", "results_file", "solver_seconds", "sparse_fc_timing", "spade_timings", "sweep",
-    "sweep_values", "write_results",
+    "read_results", "results_file", "solver_note", "solver_seconds", "sparse_fc_timing",
+    "spade_timings", "sweep", "sweep_values", "write_results",
 ]
 
 COST_FORMAT = 1
@@ -582,3 +582,31 @@ def read_results(path: str | os.PathLike) -> BenchResults | None:
                             pd.DataFrame(data["checks"]), data["command"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{str(path)!r} is not a bench_cost.py results file: {e}") from None
+
+
+def solver_note(kind: str) -> tuple[dict | None, str]:
+    """The results file of ``benchmarks/bench_solver.py`` for ``kind`` (``"cpu"`` or ``"cuda"``:
+    ``benchmarks/results/solver-{kind}.json``) and the sentence that introduces it; or ``None``
+    and a sentence that says plainly that there is none.
+
+    Raises
+    ------
+    ValueError
+        If the file exists but is not a results file of that benchmark (the message names it).
+    """
+    check_choice(kind, ("cpu", "cuda"), "solver results kind")
+    path = RESULTS_DIR / f"solver-{kind}.json"
+    name = {"cpu": "CPU", "cuda": "GPU"}[kind]
+    if not path.is_file():
+        return None, (f"**No {name} results file of the solver benchmark exists** "
+                      f"(`benchmarks/results/{path.name}`): no {name} figures are shown.")
+    try:
+        record = json.loads(path.read_text())
+        if record.get("format") != 1 or not isinstance(record.get("rows"), list):
+            raise ValueError(f"format {record.get('format')!r}, expected 1 with rows")
+        text = (f"{name} results (`benchmarks/results/{path.name}`): device "
+                f"**{record['device']}**, measured {record['date']} on "
+                f"{machine_sentence(record['machine'])}; command `{record['command']}`.")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{str(path)!r} is not a bench_solver.py results file: {e}") from None
+    return record, text

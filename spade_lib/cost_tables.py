@@ -15,6 +15,8 @@ file) are read here:
 * :func:`fit_slope` / :func:`slopes` (log-log) and :func:`fit_line` / :func:`extrapolate`
   (straight line): how the trace time grows with the augmentations, the sparsity and the model
   size (:func:`size_table`), with standard errors; :func:`plot_loglog` draws a fit.
+* :func:`solver_bench_table` / :func:`solver_bench_sentence`: the batched FastOBC solver against
+  the column-by-column one (``benchmarks/bench_solver.py``'s results file).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from spade_lib.cost import PHASES, SOLVERS, BenchResults, CostRun
 __all__ = [
     "F15_COLUMNS", "PAPER_ARCHITECTURE", "PAPER_F15", "Line", "Slope", "extrapolate",
     "f15_sentence", "f15_view", "fit_line", "fit_slope", "layer_comparison", "paper_table",
-    "phase_means", "plot_loglog", "size_table", "slopes", "table_f15",
+    "phase_means", "plot_loglog", "size_table", "slopes", "solver_bench_sentence",
+    "solver_bench_table", "table_f15",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -355,3 +358,48 @@ def plot_loglog(ax: Any, x: Sequence[float], y: Sequence[float], label: str,
         grid = np.geomspace(min(x), max(x), 20)
         ax.loglog(grid, [s.predict(g) for g in grid], "-", color=points[0].get_color(), lw=1)
     return s
+
+
+# --------------------------------------------------------------------------------------------
+# The batched FastOBC solver (benchmarks/bench_solver.py)
+# --------------------------------------------------------------------------------------------
+
+SOLVER_BENCH_COLUMNS = {
+    "samples": "samples", "solver": "solver", "ops_per_sample": "operations per sample",
+    "views_per_sample": "views per sample", "seconds_per_sample": "seconds per sample",
+    "mask_differs_%": "masks differ (% of weights)", "max_weight_diff": "largest weight difference",
+    "ops_ratio": "fewer operations (x)", "speedup": "speed-up (x)",
+}
+"""The columns of :func:`solver_bench_table`, renamed from the results file's keys."""
+
+
+def solver_bench_table(record: Mapping[str, Any]) -> pd.DataFrame:
+    """The benchmark's rows: per sample, operations dispatched (views apart) and seconds of the
+    column-by-column and the batched FastOBC on ResNet-50's 53 layers, and how far apart their
+    results are; the ratios set the batched solver against the column one of the same run."""
+    frame = pd.DataFrame(record["rows"])
+    return frame.reindex(columns=list(SOLVER_BENCH_COLUMNS)).rename(
+        columns=SOLVER_BENCH_COLUMNS)
+
+
+def solver_bench_sentence(record: Mapping[str, Any]) -> str:
+    """One sentence per batch size: how many times fewer operations the batched solver
+    dispatches than the column one and how its time compares, from the numbers."""
+    frame = pd.DataFrame(record["rows"])
+    parts = []
+    for samples, rows in frame.groupby("samples", sort=True):
+        by = rows.set_index("solver")
+        if not {"columns", "batched"} <= set(by.index):
+            continue
+        old, new = by.loc["columns"], by.loc["batched"]
+        speed = old["seconds_per_sample"] / new["seconds_per_sample"]
+        pace = (f"{speed:.2f}x as fast" if speed >= 1.05 else
+                f"{1 / speed:.2f}x slower" if speed <= 1 / 1.05 else "about as fast")
+        what = "one sample" if samples == 1 else f"a batch of {samples}"
+        parts.append(f"For {what}, the batched solver dispatches "
+                     f"{old['ops_per_sample'] / new['ops_per_sample']:.1f}x fewer operations "
+                     f"({new['ops_per_sample']:,.0f} instead of {old['ops_per_sample']:,.0f} per "
+                     f"sample) and is {pace} ({new['seconds_per_sample']:.2f} s instead of "
+                     f"{old['seconds_per_sample']:.2f} s per sample); the two masks differ in "
+                     f"{new['mask_differs_%']:.4f}% of the weights (ties and float rounding).")
+    return " ".join(parts) if parts else "The results file has no pair of solvers to compare."

@@ -189,15 +189,25 @@ def _statistics(nets: Sequence[nn.Module], views: Sequence[Views], names: list[s
     return stats
 
 
+def _install(solved: dict[str, tuple[Tensor, list[pruning.PruneInfo]]],
+             modules: Sequence[dict[str, nn.Module]],
+             infos: Sequence[dict[str, pruning.PruneInfo]]) -> None:
+    """Copy each sample's pruned weights into its copy of the model and keep the reports."""
+    for name, (new, layer_infos) in solved.items():
+        for i, named in enumerate(modules):
+            named[name].weight.copy_(new[i])
+            infos[i][name] = layer_infos[i]
+
+
 def _traces(model: nn.Module, views: Sequence[Views], targets: dict[str, float], pruner: str,
             sequential: bool, progress: bool, options: dict[str, Any]) -> list[Trace]:
     """The batched path behind :func:`trace`, :func:`trace_batch` and :func:`trace_images`.
 
     ``views[i]()`` yields sample ``i``'s batches (on the model's device). Every sample's Hessians
     come from the dense copy in one pass (or, with ``sequential``, layer by layer from that
-    sample's partially pruned copy); each layer is then solved for all samples at once with
-    :func:`spade_lib.pruning.prune_layer_batch`. One sample prunes the dense copy itself, which
-    is exactly what a single trace does.
+    sample's partially pruned copy); the layers are then solved for all samples at once with
+    :func:`spade_lib.pruning.prune_layers` (FastOBC batches the layers of equal width too). One
+    sample prunes the dense copy itself, which is exactly what a single trace does.
     """
     samples = len(views)
     clock = _Clock(device_of(model, default=None))
@@ -209,14 +219,20 @@ def _traces(model: nn.Module, views: Sequence[Views], targets: dict[str, float],
     if not sequential and targets:
         stats = _statistics([dense] * samples, views, list(targets), clock)
     infos: list[dict[str, pruning.PruneInfo]] = [{} for _ in range(samples)]
-    for name in tqdm(targets, desc="pruning layers", disable=not progress):
-        layer = _statistics(copies, views, [name], clock)[name] if sequential else stats.pop(name)
+    if sequential:
+        for name in tqdm(targets, desc="pruning layers", disable=not progress):
+            layer = torch.stack(_statistics(copies, views, [name], clock)[name])
+            t = clock.start()
+            solved = pruning.prune_layers({name: (dense_weights[name], layer, targets[name])},
+                                          pruner, **options)
+            _install(solved, modules, infos)
+            clock.stop("solve", t)
+    elif targets:
+        layers = {name: (dense_weights[name], torch.stack(stats.pop(name)), targets[name])
+                  for name in targets}
         t = clock.start()
-        new, layer_infos = pruning.prune_layer_batch(
-            dense_weights[name], torch.stack(layer), targets[name], pruner, **options)
-        for i in range(samples):
-            modules[i][name].weight.copy_(new[i])
-            infos[i][name] = layer_infos[i]
+        _install(pruning.prune_layers(layers, pruner, progress=progress, **options), modules,
+                 infos)
         clock.stop("solve", t)
     clock.seconds["total"] = time.perf_counter() - begin
     per_sample = {k: v / samples for k, v in clock.seconds.items()}

@@ -114,3 +114,46 @@ def test_f15_sentence_verdicts_follow_the_numbers() -> None:
     # FastOBC: 1% is inside the range, 100% +- 16.7% straddles 1: inconclusive
     assert "**SPADE (FastOBC)**: ready before Sparse FC **holds** on 1 of 2 models, fails on 0, " \
            "inconclusive on 1" in text
+
+
+# --------------------------------------------------------------------------------------------
+# The batched solver's benchmark file
+# --------------------------------------------------------------------------------------------
+
+def _solver_record():
+    rows = [{"samples": 1, "solver": "columns", "ops_per_sample": 260000.0,
+             "views_per_sample": 700000.0, "seconds_per_sample": 10.0},
+            {"samples": 1, "solver": "batched", "ops_per_sample": 26000.0,
+             "views_per_sample": 30000.0, "seconds_per_sample": 8.0, "mask_differs_%": 0.0,
+             "max_weight_diff": 1e-7, "ops_ratio": 10.0, "speedup": 1.25},
+            {"samples": 16, "solver": "columns", "ops_per_sample": 16000.0,
+             "views_per_sample": 40000.0, "seconds_per_sample": 9.0},
+            {"samples": 16, "solver": "batched", "ops_per_sample": 2000.0,
+             "views_per_sample": 3000.0, "seconds_per_sample": 10.0, "mask_differs_%": 0.01,
+             "max_weight_diff": 0.1, "ops_ratio": 8.0, "speedup": 0.9}]
+    return {"format": 1, "device": "cpu", "date": "2026-12-01", "command": "python x.py",
+            "machine": {"cpu": "Test CPU", "cpus": 2, "threads": 2, "torch": "2.x",
+                        "capability": "AVX2", "gpu": None}, "sparsity": 0.9, "rows": rows}
+
+
+def test_solver_benchmark_file_is_read_and_its_verdict_computed(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(cost, "RESULTS_DIR", tmp_path)
+    record, text = cost.solver_note("cuda")
+    assert record is None and "No GPU results file" in text
+    (tmp_path / "solver-cpu.json").write_text(json.dumps(_solver_record()))
+    record, text = cost.solver_note("cpu")
+    assert "Test CPU" in text and "python x.py" in text
+    table = cost_tables.solver_bench_table(record)
+    assert list(table.columns) == list(cost_tables.SOLVER_BENCH_COLUMNS.values())
+    assert table["operations per sample"].tolist() == [260000, 26000, 16000, 2000]
+    sentence = cost_tables.solver_bench_sentence(record)
+    assert "one sample, the batched solver dispatches 10.0x fewer operations" in sentence
+    assert "1.25x as fast" in sentence
+    assert "a batch of 16" in sentence and "1.11x slower" in sentence
+    (tmp_path / "solver-cpu.json").write_text('{"format": 2}')
+    with pytest.raises(ValueError, match="not a bench_solver.py results file"):
+        cost.solver_note("cpu")
+    with pytest.raises(ValueError, match="solver results kind"):
+        cost.solver_note("gpu")

@@ -349,3 +349,90 @@ def test_old_import_paths_still_work():
                  "SparsitySpec"):
         assert getattr(pruning, name) is getattr(schedules, name)
 
+
+
+# --------------------------------------------------------------------------------------------
+# Several layers at once (prune_layers): the batched FastOBC
+# --------------------------------------------------------------------------------------------
+
+def mixed_layers(samples=2):
+    """Layers that share widths but not rows, targets or mask groups (a 10-row conv whose
+    budget rounds to nothing in some groups, a dead input), several samples each."""
+    shapes = {"a": ((16, 4, 3, 3), 0.9), "b": ((5, 4, 3, 3), 0.5), "c": ((40, 36), 0.7),
+              "d": ((3, 36), 0.01), "e": ((24, 36), 0.9), "f": ((10, 7, 1, 1), 0.3)}
+    layers = {}
+    for i, (name, (shape, sparsity)) in enumerate(shapes.items()):
+        w, _ = random_layer(shape, seed=10 + i)
+        hs = torch.stack([random_layer(shape, seed=100 * i + s)[1] for s in range(samples)])
+        layers[name] = (w, hs, sparsity)
+    layers["c"][1][:, 5, :] = 0.0
+    layers["c"][1][:, :, 5] = 0.0
+    return layers
+
+
+@pytest.mark.filterwarnings("ignore:fastobc pruned no weight")
+@pytest.mark.parametrize("options", [{}, {"block_size": 4}, {"mask_group": 2},
+                                     {"batch_bytes": 1}, {"mask_group": "row"}])
+def test_layers_solved_together_equal_the_reference_one_by_one(options):
+    layers = mixed_layers()
+    solved = pruning.prune_layers(layers, "fastobc", **options)
+    assert list(solved) == list(layers)
+    for name, (w, hs, sparsity) in layers.items():
+        out, infos = solved[name]
+        assert out.shape == (hs.shape[0], *w.shape) and len(infos) == hs.shape[0]
+        for s in range(hs.shape[0]):
+            ref = fastobc_reference(w, hs[s], sparsity, mask_group=options.get("mask_group"))
+            # float64, n <= 36: rounding differences are ~1e-14; a wrong update is O(1)
+            torch.testing.assert_close(out[s], ref, rtol=1e-9, atol=1e-9)
+            single, info = prune_layer(w, hs[s], sparsity, "fastobc", **options)
+            assert infos[s].pruned == info.pruned and infos[s].budget == info.budget
+            assert infos[s].error == pytest.approx(info.error, rel=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:fastobc pruned no weight")
+def test_groups_too_large_for_one_solve_are_swept_by_columns(monkeypatch):
+    """The column path (mask fixed at the group's start) gives what the one-solve path gives."""
+    layers = mixed_layers(samples=1)
+    fast = pruning.prune_layers(layers, "fastobc", mask_group=4)
+    monkeypatch.setattr(pruning, "TRIANGULAR_ELEMENTS", 0)
+    slow = pruning.prune_layers(layers, "fastobc", mask_group=4)
+    for name in layers:
+        torch.testing.assert_close(slow[name][0], fast[name][0], rtol=1e-9, atol=1e-9)
+
+
+def test_layers_of_one_width_cost_the_operations_of_one():
+    """Twelve layers x samples of one width dispatch about what one does: the sweep is shared,
+    only the per-layer set-up and report (a few dozen operations each) are added."""
+    from spade_lib.op_count import count_ops
+
+    w, h = random_layer((64, 48), seed=1)
+    one = {"x": (w, h[None], 0.9)}
+    many = {f"x{i}": (random_layer((16 + 4 * i, 48), seed=i)[0], h.expand(3, -1, -1), 0.9)
+            for i in range(4)}
+    with count_ops() as single:
+        pruning.prune_layers(one, "fastobc", mask_group=1)
+    with count_ops() as batched:
+        pruning.prune_layers(many, "fastobc", mask_group=1)
+    assert single.total <= 5 * 48 + 150          # five operations per column, plus set-up
+    assert batched.total <= single.total + 3 * 60
+
+
+def test_prune_layers_rejects_bad_items_by_name():
+    w, h = random_layer((4, 6), seed=0)
+    with pytest.raises(ValueError, match=r"layers\['x'\] must be a \(weight, hessians"):
+        pruning.prune_layers({"x": (w, h[None])})
+    with pytest.raises(ValueError, match="hessian must have shape"):
+        pruning.prune_layers({"x": (w, h, 0.5)})
+    with pytest.raises(ValueError, match="sparsity"):
+        pruning.prune_layers({"x": (w, h[None], 1.5)})
+    with pytest.raises(ValueError, match="unknown option"):
+        pruning.prune_layers({"x": (w, h[None], 0.5)}, "obc", mask_group=2)
+
+
+@pytest.mark.filterwarnings("ignore:magnitude pruned no weight")
+def test_other_solvers_go_layer_by_layer_through_prune_layers():
+    layers = mixed_layers(samples=1)
+    solved = pruning.prune_layers(layers, "magnitude")
+    for name, (w, hs, sparsity) in layers.items():
+        torch.testing.assert_close(solved[name][0][0], prune_layer(w, hs[0], sparsity,
+                                                                   "magnitude")[0])
