@@ -49,6 +49,7 @@ test: setup chromium lint
 bench: setup
 	$(BIN)/python benchmarks/bench_trace.py --samples 2
 	$(BIN)/python benchmarks/bench_trace.py --samples 2 --sparsity preset:cpu
+	$(BIN)/python benchmarks/bench_solver.py --batch 2
 
 clean:
 	rm -rf book/_build .cache

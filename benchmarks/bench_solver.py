@@ -6,12 +6,15 @@ the Hessians are collected), with both solvers in the same run, and prints one t
 operations dispatched per sample (compute and views, :mod:`spade_lib.op_count`), solve seconds
 per sample, and how far the two solvers' results are apart.
 
-- ``columns``: the solver the library had until 2026-12 (``fastobc_columns`` in
+- ``columns``: the column sweep the library had until 2026-12 (``solve_columns`` in
   ``tests/reference.py``): one layer at a time, every column of every mask group on its own,
-  about eight operations per column.
+  about eight operations per column. Its damped Cholesky factors come from today's
+  ``_damped_inverse``, as do the batched solver's (the old one used 128-wide blocks in the
+  triangular inverse instead of 1024: a few hundred more operations, the same time).
 - ``batched``: :func:`spade_lib.pruning.prune_layers`: the layers of equal width and mask
   group (ResNet-50 has many) and all samples in one batch, a mask group of ``g > 1`` columns in
-  one triangular solve, five operations per column of the one-column groups (1x1 convs, fc).
+  one triangular solve, five operations per column of the one-column groups (1x1 convs, fc),
+  exactly each layer's budget per group (``topk``).
 
 Both go through :func:`spade_lib.pruning.prune_layers` (the column solver registered as
 ``"fastobc-columns"``), so both include what a trace's solve phase does besides the sweep:
@@ -96,8 +99,10 @@ def batched(layers: dict) -> dict:
 
 
 def measure(solve, layers: dict, device: str) -> tuple[dict, float, object]:
-    """The solver's result and seconds (a plain run), then its operations (a counted run:
-    counting slows every operation down, so the two are not mixed)."""
+    """The solver's result and seconds (a plain run after a warm-up on the first two layers:
+    library loading and GPU start-up are not charged to it), then its operations (a counted
+    run: counting slows every operation down, so the two are not mixed)."""
+    solve(dict(list(layers.items())[:2]))
     sync(device)
     start = time.perf_counter()
     out = solve(layers)

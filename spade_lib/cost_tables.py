@@ -401,5 +401,5 @@ def solver_bench_sentence(record: Mapping[str, Any]) -> str:
                      f"({new['ops_per_sample']:,.0f} instead of {old['ops_per_sample']:,.0f} per "
                      f"sample) and is {pace} ({new['seconds_per_sample']:.2f} s instead of "
                      f"{old['seconds_per_sample']:.2f} s per sample); the two masks differ in "
-                     f"{new['mask_differs_%']:.4f}% of the weights (ties and float rounding).")
+                     f"{new['mask_differs_%']:.4f}% of the weights.")
     return " ".join(parts) if parts else "The results file has no pair of solvers to compare."

@@ -18,8 +18,8 @@ Solvers (``method``, registered by name in :data:`SOLVERS`, see :func:`register_
     Batched so that it is not bound by the number of operations it dispatches (a GPU kernel
     launch each): every sample of every layer of one width and mask group in one sweep
     (:func:`prune_layers`), a mask group of ``g > 1`` columns in one triangular solve, five
-    operations per one-column group. ResNet-50's 53 layers: about 31,600 operations per sample
-    instead of 258,000, 2,000 per sample in a batch of 16 (``benchmarks/bench_solver.py``).
+    operations per one-column group. ResNet-50's 53 layers: 32,773 operations per sample
+    instead of 259,427, 9,297 per sample in a batch of 4 (``benchmarks/bench_solver.py``).
 ``magnitude``
     The smallest ``|w|`` of the layer removed, nothing compensated (the baseline).
 
@@ -328,8 +328,19 @@ def _lazy_blocks(n: int, group: int, block: int) -> list[tuple[int, int]]:
 
 TRIANGULAR_ELEMENTS = 2**24
 """Largest ``[B, rows, g, g]`` batch of per-row systems in which FastOBC solves one mask group's
-errors at once (:func:`_group_solved`); a larger group (``mask_group="row"`` on a wide layer) is
-swept column by column with its mask fixed at the group's start (:func:`_group_columns`)."""
+errors at once (:func:`_group_solved`). A larger group, or one wider than the lazy-update block
+(``block_size``; ``mask_group="row"`` on a wide layer), is swept column by column with its mask
+fixed at the group's start (:func:`_group_columns`)."""
+
+
+def _smallest(x: Tensor, k: int) -> Tensor:
+    """``1.0`` at exactly the ``k`` smallest ``|x|`` of each sample's ``x[s]`` (ties broken by
+    ``topk``), ``0.0`` elsewhere, in ``x``'s shape and dtype."""
+    flat = torch.zeros(x.shape[0], x[0].numel(), dtype=x.dtype, device=x.device)
+    if k:
+        flat.scatter_(1, x.abs().view(x.shape[0], -1).topk(k, 1, largest=False,
+                                                             sorted=False).indices, 1.0)
+    return flat.view_as(x)
 
 
 def _columns_selected(vb: Tensor, eb: Tensor, ub: Tensor, kth: Sequence[int]) -> None:
@@ -338,16 +349,16 @@ def _columns_selected(vb: Tensor, eb: Tensor, ub: Tensor, kth: Sequence[int]) ->
     ``vb``, ``eb`` ``[B, b, R]`` are the block's scaled weights and errors (views, one column per
     contiguous row), ``ub`` ``[B, b, b]`` its part of the scaled factor. Column ``j``'s current
     value is its stored value less the errors of the block's earlier columns (one batched
-    product); the ``kth[j]`` smallest ``|x|`` of the column are pruned (threshold from
-    ``kthvalue``; ties at it are pruned too) and their values become the column's errors. Five
-    operations per column.
+    product); exactly the ``kth[j]`` smallest ``|x|`` of the column are pruned (``topk``) and
+    their values become the column's errors (``eb`` is zero before). Five operations per
+    column.
     """
     cols = ub.transpose(1, 2).split(1, 1)                         # [B, 1, b]: uhat[:, j] each
     for t, (k, vj, ej) in enumerate(zip(kth, vb.split(1, 1), eb.split(1, 1), strict=True)):
         if k:
             x = torch.baddbmm(vj, cols[t][:, :, :t], eb[:, :t], alpha=-1)      # [B, 1, R]
-            a = x.abs()
-            torch.mul(x, a <= a.kthvalue(k, 2, keepdim=True).values, out=ej)
+            pruned = x.abs().topk(k, 2, largest=False, sorted=False).indices
+            ej.scatter_(2, pruned, x.gather(2, pruned))
 
 
 def _group_solved(vb: Tensor, eb: Tensor, ub: Tensor, cols: slice, k: int) -> None:
@@ -356,14 +367,12 @@ def _group_solved(vb: Tensor, eb: Tensor, ub: Tensor, cols: slice, k: int) -> No
     With the mask ``m`` fixed, column ``t`` of the group is ``y_t = x_t - sum_{s<t} L_ts m_s
     y_s``, where ``x`` is the group's value at its start and ``L_ts = uhat[s, t]``, and its error
     is ``m_t y_t``: per row a unit lower-triangular system ``(I + L diag(m)) y = x`` of size
-    ``g``, solved for every row and sample at once (SparseGPT's column loop, unrolled). Seven
+    ``g``, solved for every row and sample at once (SparseGPT's column loop, unrolled). Eight
     operations per group.
     """
-    B = vb.shape[0]
     x = torch.baddbmm(vb[:, cols], ub[:, :cols.start, cols].transpose(1, 2), eb[:, :cols.start],
                       alpha=-1)                                                # [B, g, R]
-    a = x.abs()
-    m = (a <= a.view(B, 1, -1).kthvalue(k, 2, keepdim=True).values).transpose(1, 2)  # [B, R, g]
+    m = _smallest(x, k).transpose(1, 2)                                       # [B, R, g]
     low = ub[:, cols, cols].transpose(1, 2)                                   # [B, g, g]
     y = torch.linalg.solve_triangular(low[:, None] * m[:, :, None, :],
                                       x.transpose(1, 2)[..., None],
@@ -377,17 +386,14 @@ def _group_columns(v: Tensor, uhat: Tensor, err: Tensor, i1: int, i2: int, group
     mask is chosen where it starts (over all its columns, from their values then) and kept
     across blocks; each column's error is its current value where masked. Returns the mask of
     the group in progress."""
-    B, n = v.shape[0], v.shape[1]
+    n = v.shape[1]
     eb = err[:, i1:i2]
     cols = uhat[:, i1:i2, i1:i2].transpose(1, 2).split(1, 1)
     for j, vj, ej in zip(range(i1, i2), v[:, i1:i2].split(1, 1), eb.split(1, 1), strict=True):
         if j % group == 0:
             g = slice(j, min(j + group, n))
             x = torch.baddbmm(v[:, g], uhat[:, i1:j, g].transpose(1, 2), err[:, i1:j], alpha=-1)
-            a = x.abs()
-            k = kth[j // group]
-            mask = (a <= a.view(B, 1, -1).kthvalue(k, 2, keepdim=True).values if k
-                    else torch.zeros_like(a, dtype=torch.bool))
+            mask = _smallest(x, kth[j // group])
         t = j % group
         x = torch.baddbmm(vj, cols[j - i1][:, :, :j - i1], eb[:, :j - i1], alpha=-1)
         torch.mul(x, mask[:, t:t + 1], out=ej)
@@ -447,8 +453,8 @@ def _factors(hessians: Sequence[Tensor], damp: float) -> tuple[Tensor, Tensor]:
 
 @dataclass
 class _Problem:
-    """One layer for :func:`_fastobc_layers`: weights ``[S, R, n]`` (dead inputs zeroed), clean
-    Hessians ``[S, n, n]``, target and mask group."""
+    """One layer for :func:`_fastobc_layers`: weights ``[S, R, n]``, Hessians ``[S, n, n]``
+    (both read only), target and mask group."""
 
     w: Tensor
     h: Tensor
@@ -461,14 +467,17 @@ class _Problem:
                 for g in range(0, n, self.group)]
 
 
-def _chunks(problems: Sequence[_Problem], batch_bytes: int) -> list[list[tuple[int, int, int]]]:
+def _chunks(problems: Sequence[_Problem], rows: int,
+            batch_bytes: int) -> list[list[tuple[int, int, int]]]:
     """``(problem, first sample, end sample)`` pieces, in order, grouped so that a group's
-    factors, weights and errors take about ``batch_bytes`` (at least one sample each)."""
+    memory stays within about ``batch_bytes`` (at least one sample each). A sample costs its
+    weights and errors at ``rows`` padded rows and about three ``n x n`` matrices (the damped
+    Hessian, its factor and its inverse while they are made)."""
     chunks: list[list[tuple[int, int, int]]] = [[]]
     used = 0
     for i, p in enumerate(problems):
-        S, R, n = p.w.shape
-        each = (n * n + 2 * R * n) * p.w.element_size()
+        S, _, n = p.w.shape
+        each = (3 * n * n + 2 * rows * n) * p.w.element_size()
         s = 0
         while s < S:
             room = max((batch_bytes - used) // each, 0 if chunks[-1] else 1)
@@ -487,11 +496,14 @@ def _fastobc_layers(problems: Sequence[_Problem], damp: float, block: int,
                     batch_bytes: int) -> tuple[list[Tensor], list[Tensor]]:
     """FastOBC for layers of one width ``n`` and one mask group, solved as one batch.
 
-    Every sample of every layer is one entry of a ``[B, rows, n]`` batch; a layer with fewer rows
-    than the batch is padded with rows that never change: the largest float (never pruned) and
-    zeros (always under the threshold) in the number that lets one threshold rank per group
-    (``kthvalue``) serve every layer's own budget. Returns the pruned weights ``[S, R, n]`` and
-    the relative damping used ``[S]`` per layer.
+    Every sample of every layer is one entry of a batch ``[B, n, rows]`` (one column of the
+    weight per row). A layer with fewer rows than the batch's largest is padded with rows
+    that never change: the largest float (never pruned) and zeros (always among the smallest),
+    as many zeros per mask group as the batch's largest budget there exceeds the layer's own,
+    so that one count per group (``topk``) prunes exactly each layer's budget; ``rows`` may
+    exceed the largest layer's rows by those zeros. Dead inputs are zeroed per batch
+    (:func:`_drop_dead`). Returns the pruned weights ``[S, R, n]`` and the relative damping used
+    ``[S]`` per layer.
     """
     group, n = problems[0].group, problems[0].w.shape[2]
     dtype, device = problems[0].w.dtype, problems[0].w.device
@@ -500,23 +512,26 @@ def _fastobc_layers(problems: Sequence[_Problem], damp: float, block: int,
     col_group = torch.arange(n, device=device) // group
     col_size = torch.tensor(sizes, device=device)[col_group]
     col_offset = torch.arange(n, device=device) % group
+    bound = max(p.w.shape[1] for p in problems) + max(
+        -(-max(b[g] for b in budgets) // sizes[g]) for g in range(len(sizes)))
     outs = [torch.empty_like(p.w) for p in problems]
     damps = [torch.empty(p.w.shape[0], dtype=torch.float64) for p in problems]
-    for chunk in _chunks(problems, batch_bytes):
+    for chunk in _chunks(problems, bound, batch_bytes):
         members = sorted({i for i, _, _ in chunk})
         kth = [max(budgets[i][g] for i in members) for g in range(len(sizes))]
         spare = {i: max(-(-(kth[g] - budgets[i][g]) // sizes[g]) for g in range(len(sizes)))
                  for i in members}
         rows = max(problems[i].w.shape[1] + spare[i] for i in members)
-        uhat, chunk_damps = _factors([problems[i].h[s:e] for i, s, e in chunk], damp)
+        pieces = [_drop_dead(problems[i].w[s:e], problems[i].h[s:e]) for i, s, e in chunk]
+        uhat, chunk_damps = _factors([h for _, h in pieces], damp)
+        chunk_damps = chunk_damps.cpu()
         diag = uhat.diagonal(dim1=-2, dim2=-1)[:, :, None].clone()          # [B, n, 1]
         uhat /= diag.transpose(1, 2)
         v = torch.full((len(uhat), n, rows), torch.finfo(dtype).max, dtype=dtype, device=device)
         at = 0
-        for i, s, e in chunk:
-            r = problems[i].w.shape[1]
-            torch.div(problems[i].w[s:e].transpose(1, 2), diag[at:at + e - s],
-                      out=v[at:at + e - s, :, :r])
+        for (i, s, e), (w, _) in zip(chunk, pieces, strict=True):
+            r = w.shape[1]
+            torch.div(w.transpose(1, 2), diag[at:at + e - s], out=v[at:at + e - s, :, :r])
             zeros = torch.tensor([kth[g] - budgets[i][g] for g in range(len(sizes))],
                                  device=device)[col_group]
             pad = (torch.arange(rows - r, device=device) * col_size[:, None]
@@ -524,6 +539,7 @@ def _fastobc_layers(problems: Sequence[_Problem], damp: float, block: int,
             v[at:at + e - s, :, r:].masked_fill_(pad, 0.0)
             damps[i][s:e] = chunk_damps[at:at + e - s]
             at += e - s
+        del pieces
         err = _sweep(v, uhat, kth, group, block)
         v.masked_fill_(err != 0, 0.0)
         del err, uhat
@@ -636,8 +652,7 @@ def _solve_fastobc_layers(problems: Sequence[tuple[Tensor, Tensor, tuple[int, ..
         group = options.get("mask_group")
         group = default_mask_group(shape) if group is None else group
         group = n if group == "row" else min(group, n)
-        w, hclean = _drop_dead(w, h)
-        items.append(_Problem(w, hclean, sparsity, group))
+        items.append(_Problem(w, h, sparsity, group))
     same: dict[tuple, list[int]] = {}
     for i, p in enumerate(items):
         same.setdefault((p.w.shape[2], p.group, p.w.dtype, p.w.device), []).append(i)
@@ -696,8 +711,8 @@ def _solve(
         problems.append((w, h, tuple(weight.shape), sparsity))
     with tqdm(total=len(problems), desc="pruning layers", disable=not progress) as bar:
         solved = SOLVERS[method].run(problems, options, bar.update)
-    if any(w.is_cuda for w, _, _, _ in problems):
-        torch.cuda.synchronize()
+    for device in {w.device for w, _, _, _ in problems if w.is_cuda}:
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     work = [w.shape[1] * w.shape[2] ** 2 for w, _, _, _ in problems]
     results = []
@@ -830,9 +845,10 @@ def prune_layers(
         ``name -> (pruned [S, *weight.shape], [PruneInfo] * S)``, in the order of ``layers``.
 
     FastOBC solves the layers of equal width and mask group together, every sample of every
-    layer in one batch (padded to the most rows), so the number of tensor operations grows
-    with the number of distinct widths, not of layers or samples; the results are those of
-    separate :func:`prune_layer` calls (up to ties at a group's threshold and float rounding).
+    layer in one batch (padded rows that never change), so the number of tensor operations
+    grows with the number of distinct widths, not of layers or samples; the results are those
+    of separate :func:`prune_layer` calls up to float rounding (and the choice among weights
+    tied at a group's budget).
     Each :attr:`PruneInfo.seconds` is the call's time shared by ``rows * n^2``.
     """
     check_method(method, options)

@@ -356,8 +356,8 @@ def test_old_import_paths_still_work():
 # --------------------------------------------------------------------------------------------
 
 def mixed_layers(samples=2):
-    """Layers that share widths but not rows, targets or mask groups (a 10-row conv whose
-    budget rounds to nothing in some groups, a dead input), several samples each."""
+    """Layers that share widths but not rows, targets or mask groups (a 3-row linear layer whose
+    budget rounds to nothing, a dead input), several samples each."""
     shapes = {"a": ((16, 4, 3, 3), 0.9), "b": ((5, 4, 3, 3), 0.5), "c": ((40, 36), 0.7),
               "d": ((3, 36), 0.01), "e": ((24, 36), 0.9), "f": ((10, 7, 1, 1), 0.3)}
     layers = {}
@@ -371,8 +371,10 @@ def mixed_layers(samples=2):
 
 
 @pytest.mark.filterwarnings("ignore:fastobc pruned no weight")
-@pytest.mark.parametrize("options", [{}, {"block_size": 4}, {"mask_group": 2},
-                                     {"batch_bytes": 1}, {"mask_group": "row"}])
+@pytest.mark.parametrize("options", [{}, {"block_size": 4}, {"mask_group": 1},
+                                     {"mask_group": 2}, {"batch_bytes": 1},
+                                     {"batch_bytes": 150_000, "mask_group": 1},
+                                     {"mask_group": "row"}])
 def test_layers_solved_together_equal_the_reference_one_by_one(options):
     layers = mixed_layers()
     solved = pruning.prune_layers(layers, "fastobc", **options)
@@ -436,3 +438,53 @@ def test_other_solvers_go_layer_by_layer_through_prune_layers():
     for name, (w, hs, sparsity) in layers.items():
         torch.testing.assert_close(solved[name][0][0], prune_layer(w, hs[0], sparsity,
                                                                    "magnitude")[0])
+
+
+@pytest.mark.filterwarnings("ignore:fastobc pruned no weight")
+def test_recursive_inverse_and_separate_factors_change_nothing(monkeypatch):
+    """The 2x2-block triangular inverse and the per-layer factorisation of wide Hessians (both
+    only reached by layers wider than the tests' otherwise) give the reference's weights."""
+    layers = mixed_layers()
+    monkeypatch.setattr(pruning, "TRIANGULAR_LEAF", 8)
+    monkeypatch.setattr(pruning, "SEPARATE_FACTORS", 16)
+    solved = pruning.prune_layers(layers, "fastobc", mask_group=1)
+    for name, (w, hs, sparsity) in layers.items():
+        for s in range(hs.shape[0]):
+            ref = fastobc_reference(w, hs[s], sparsity, mask_group=1)
+            torch.testing.assert_close(solved[name][0][s], ref, rtol=1e-9, atol=1e-9)
+
+
+def test_tied_weights_are_pruned_to_the_exact_budget():
+    """Weights on a grid (a quantized checkpoint) tie at a group's threshold: exactly the
+    budget is pruned, as the reference does, not every weight tied with the last one."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randint(1, 5, (256, 16), generator=g) * (torch.randint(0, 2, (256, 16),
+         generator=g) * 2 - 1)).double() / 8
+    _, h = random_layer((256, 16), seed=4)
+    for group in (1, 4):
+        out, info = prune_layer(w, h, 0.5, "fastobc", mask_group=group)
+        assert info.pruned == info.budget == 256 * 16 // 2
+        ref = fastobc_reference(w, h, 0.5, mask_group=group)
+        assert int((ref == 0).sum()) == info.pruned
+
+
+@pytest.mark.filterwarnings("ignore:fastobc pruned no weight")
+def test_prune_layers_leaves_its_inputs_untouched():
+    layers = mixed_layers()
+    layers["g"] = (layers["e"][0], layers["e"][1][:1].expand(3, -1, -1), 0.5)
+    before = {name: (w.clone(), h.clone()) for name, (w, h, _) in layers.items()}
+    pruning.prune_layers(layers, "fastobc", mask_group=1)
+    for name, (w, h, _) in layers.items():
+        assert torch.equal(w, before[name][0]) and torch.equal(h, before[name][1])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.filterwarnings("ignore:fastobc pruned no weight")
+def test_gpu_prune_layers_equals_cpu():
+    """The batched sweep with padded rows and several widths, on the GPU and on the CPU."""
+    layers = mixed_layers()
+    cpu = pruning.prune_layers(layers, "fastobc", mask_group=1)
+    gpu = pruning.prune_layers({name: (w.cuda(), h.cuda(), s)
+                                for name, (w, h, s) in layers.items()}, "fastobc", mask_group=1)
+    for name in layers:
+        torch.testing.assert_close(gpu[name][0].cpu(), cpu[name][0], rtol=1e-7, atol=1e-7)
