@@ -58,6 +58,10 @@ class Config:
     seed: int = 0
     device: Device = "auto"
     cache_dir: str | None = None
+    # where the evaluation runs on Dask (spade_lib.distributed): an existing scheduler's address
+    # ("tcp://host:8786"), else a LocalCluster of ``workers`` processes (None: one per core)
+    scheduler: str | None = None
+    workers: int | None = field(default=None, metadata={"min": 1, "max": 4096})
     # data
     dataset: Dataset = "fashion-mnist"
     data_dir: str | None = None
@@ -114,7 +118,7 @@ class Config:
     def digest(self, keys: tuple[str, ...] | None = None) -> str:
         """Short stable hash of the chosen fields (all but ``name``/paths/device if ``None``)."""
         data = self.to_dict()
-        skip = {"name", "cache_dir", "data_dir", "device"}
+        skip = {"name", "cache_dir", "data_dir", "device", "scheduler", "workers"}
         chosen = {k: data[k] for k in (keys or data) if k not in skip
                   and not (k in LATE_KEYS and data[k] == LATE_KEYS[k])}
         blob = json.dumps(chosen, sort_keys=True, default=str).encode()

@@ -77,9 +77,9 @@ if TYPE_CHECKING:
 __all__ = [
     "BUILTIN_VARIANTS", "COLUMNS", "MERGED_METHODS", "MERGE_ATOL", "MIN_ACCURACY", "RESULT_KEYS",
     "SAMPLE_COLUMNS", "TRACE_BATCH", "ArchitectureRun", "DamagedResultWarning", "ResultStore",
-    "Samples", "Variant", "check_methods", "check_store_meta", "evaluate", "evaluation_samples",
-    "isd_donor", "main_variants", "merge_methods", "model_fingerprint", "other_architecture",
-    "prediction_kept",
+    "Run", "Samples", "Variant", "check_methods", "check_store_meta", "evaluate",
+    "evaluation_samples", "isd_donor", "main_variants", "merge_methods", "model_fingerprint",
+    "other_architecture", "prediction_kept", "prepare_run",
     "resolve_variants", "results_key", "run_sample", "sample_maps", "sample_seed", "score_gap",
     "score_methods", "select_samples", "summary", "tuning_samples", "variant_network",
     "variant_table", "wins",
@@ -268,6 +268,61 @@ def evaluate(
         source (IST, ISC, ISD) took its views from (-1 otherwise); ``trace_seconds`` (0 for
         dense) and ``attribution_seconds``: wall times; ``config_hash``: :func:`results_key`.
     """
+    run = prepare_run(cfg, model, samples, methods, variants, store, progress, method_options)
+    shared: dict[Any, tuple[nn.Module, float]] = {}
+    table = run_resumable(run.store, run.samples.ids, lambda position: run_sample(
+        cfg, run.model, run.samples, position, run.methods, run.variants, run.method_options,
+        config_hash=run.key, shared=shared), progress)
+    return run.ordered(table)
+
+
+@dataclass
+class Run:
+    """One evaluation, resolved and checked (:func:`prepare_run`): what :func:`evaluate` and
+    :func:`spade_lib.distributed.evaluate_distributed` compute, and where the rows go.
+
+    Attributes
+    ----------
+    cfg, model, samples, methods, variants, method_options
+        As :func:`evaluate` takes them, defaults filled in and variants resolved.
+    key
+        :func:`results_key`, the store's name and the rows' ``config_hash``.
+    store
+        The run's :class:`~spade_lib.store.ResultStore` (its ``meta.json`` checked), or ``None``.
+    """
+
+    cfg: Config
+    model: nn.Module
+    samples: Samples
+    methods: list[str]
+    variants: list[Variant]
+    method_options: Mapping[str, Mapping[str, Any]] | None
+    key: str
+    store: ResultStore | None
+
+    def ordered(self, table: pd.DataFrame) -> pd.DataFrame:
+        """``table`` in sample order, then method, then variant (the order :func:`evaluate`
+        returns)."""
+        return _ordered(table, self.samples.ids, self.methods, [v.name for v in self.variants])
+
+
+def prepare_run(cfg: Config, model: nn.Module | None = None, samples: Samples | None = None,
+                methods: Sequence[str] | None = None,
+                variants: Sequence[str | Variant] | Mapping[str, Any] = ("dense", "spade"),
+                store: bool | str | os.PathLike | ResultStore | None = True,
+                progress: bool = True,
+                method_options: Mapping[str, Mapping[str, Any]] | None = None) -> Run:
+    """Fill in :func:`evaluate`'s defaults, check every argument and open the store.
+
+    Nothing is computed but the defaults themselves (the trained model, the evaluation samples).
+    See :func:`evaluate` for the parameters.
+
+    Raises
+    ------
+    ValueError
+        Unknown methods or options, bad variants, empty samples, or a store that holds another
+        run's rows.
+    """
     if model is None:
         from spade_lib.train import trained_model
 
@@ -287,12 +342,7 @@ def evaluate(
             "key": key, "config": cfg.to_dict(), "methods": methods,
             "variants": [v.describe() for v in chosen], "method_options": method_options or {},
             "model": model_fingerprint(model), "numerics": reproducibility.settings()})
-    ids = samples.ids
-    shared: dict[Any, tuple[nn.Module, float]] = {}
-    table = run_resumable(target, ids, lambda position: run_sample(
-        cfg, model, samples, position, methods, chosen, method_options, config_hash=key,
-        shared=shared), progress)
-    return _ordered(table, ids, methods, [v.name for v in chosen])
+    return Run(cfg, model, samples, methods, chosen, method_options, key, target)
 
 
 def check_store_meta(target: ResultStore, key: str, meta: Mapping[str, Any]) -> None:

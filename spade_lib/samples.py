@@ -113,8 +113,8 @@ class Samples(TableRows):
         return cls(table, poisoned, test)
 
 
-def select_samples(model: nn.Module, test: data.SceneSet, poisoned: data.PoisonedSet, n: int,
-                   seed: int = 0, batch_size: int = 256) -> Samples:
+def select_samples(model: nn.Module, test: data.SceneSet, poisoned: data.PoisonedSet,
+                   n: int | None, seed: int = 0, batch_size: int = 256) -> Samples:
     """Pick ``n`` Trojan samples the paper's way, balanced over rules, seeded.
 
     A candidate ``i`` of ``poisoned`` passes when ``model`` predicts the true class on the clean
@@ -133,7 +133,8 @@ def select_samples(model: nn.Module, test: data.SceneSet, poisoned: data.Poisone
     poisoned
         Patched test images, e.g. :func:`spade_lib.data.poisoned_test`.
     n
-        How many samples to select.
+        How many samples to select; ``None``: every candidate that passes (the paper's whole
+        evaluation set, Appendix L).
     seed
         Same seed, same selection.
     batch_size
@@ -149,7 +150,8 @@ def select_samples(model: nn.Module, test: data.SceneSet, poisoned: data.Poisone
     ValueError
         Bad ``n``, a ``poisoned`` set that does not fit ``test``, or no candidate passing.
     """
-    n = check_positive_int(n, "n (number of samples)")
+    every = n is None
+    n = len(poisoned) if every else check_positive_int(n, "n (number of samples)")
     batch_size = check_positive_int(batch_size, "batch_size")
     if len(poisoned) and int(poisoned.index.max()) >= len(test):
         raise ValueError(f"poisoned set refers to test image {int(poisoned.index.max())}, but the "
@@ -188,22 +190,23 @@ def select_samples(model: nn.Module, test: data.SceneSet, poisoned: data.Poisone
         raise ValueError(f"no candidate passes the filter (correct on the clean image, Trojan "
                          f"target on the patched one) among {len(poisoned)} patched images; is "
                          "this the model trained with these Trojan rules?")
-    if len(chosen) < n:
+    if len(chosen) < n and not every:
         warnings.warn(f"only {len(chosen)} of the {len(poisoned)} patched images pass the filter; "
                       f"selected {len(chosen)} instead of {n}", UserWarning, stacklevel=2)
     samples = Samples.from_ids(poisoned, test, sorted(chosen))
     samples.table.attrs.update(
-        seed=int(seed), requested=n,
+        seed=int(seed), requested=None if every else n,
         checked={r.name: checked[k] for k, r in enumerate(poisoned.rules)},
         passed={r.name: len(passed[k]) for k, r in enumerate(poisoned.rules)})
     return samples
 
 
-def evaluation_samples(cfg: Config, model: nn.Module) -> Samples:
-    """``cfg.samples`` samples of the evaluation rules (``cfg.rules``) for ``model``."""
+def evaluation_samples(cfg: Config, model: nn.Module, n: int | None | str = "config") -> Samples:
+    """Samples of the evaluation rules (``cfg.rules``) for ``model``: ``cfg.samples`` of them
+    (``n="config"``), ``n`` of them, or every test image that passes the filter (``None``)."""
     _, test = data.load_scenes(cfg)
     poisoned = data.poisoned_test(test, cfg.rules, seed=cfg.seed)
-    return select_samples(model, test, poisoned, cfg.samples, cfg.seed)
+    return select_samples(model, test, poisoned, cfg.samples if n == "config" else n, cfg.seed)
 
 
 def tuning_samples(cfg: Config, model: nn.Module) -> Samples:

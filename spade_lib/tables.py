@@ -12,7 +12,9 @@ The book's chapter B prints :func:`table_b2` (Table B.2 styled), :func:`headline
 :func:`gain_sentence` sets the gain against the paper's range (:data:`PAPER_AUC_GAIN`) and
 :func:`difference_sentence` compares two variants, both at one standard error
 (:func:`range_verdict`, and :func:`claim_verdict` for the sign of a difference).
-:func:`class_change` is the ``"Coat -> Bag"`` label of a decision.
+:func:`class_change` is the ``"Coat -> Bag"`` label of a decision. Chapter L prints
+:func:`rule_table` (Table L.19: one method per Trojan rule, the paper's :data:`PAPER_L19` beside it)
+and :func:`full_evaluation_sentence`.
 
 Per-layer tables (chapters E and K) share :func:`spread` (mean, standard deviation, standard error
 and counts of a column), :func:`layer_means` (each unit's mean over layers) and the label
@@ -30,12 +32,13 @@ import pandas as pd
 from spade_lib import metrics
 
 __all__ = [
-    "ALL_LAYERS", "OVERVIEW_COLUMNS", "PAPER_AUC_GAIN", "claim_verdict", "class_change",
-    "difference_sentence", "gain_sentence", "headline", "kept_samples", "layer_means",
-    "merge_methods", "on_kept", "overview", "prediction_kept", "range_verdict", "score_gap",
-    "spread", "standard_error", "summary", "table_b2",
-    "variant_table", "wins",
+    "ALL_LAYERS", "OVERVIEW_COLUMNS", "PAPER_AUC_GAIN", "PAPER_L19", "PAPER_L19_SAMPLES",
+    "claim_verdict", "class_change", "difference_sentence", "full_evaluation_sentence",
+    "gain_sentence", "headline", "kept_samples", "layer_means", "merge_methods", "on_kept",
+    "overview", "prediction_kept", "range_verdict", "rule_table", "score_gap", "spread",
+    "standard_error", "summary", "table_b2", "table_l19", "variant_table", "wins",
 ]
+
 
 def _best_per_method(rows: pd.DataFrame, metric: str,
                      methods: Sequence[str] | None = None) -> pd.DataFrame:
@@ -311,6 +314,131 @@ def on_kept(results: pd.DataFrame, variant: str = "spade") -> pd.DataFrame:
     samples where the pruned copy still makes the decision it is meant to explain."""
     return results[results["sample"].isin(kept_samples(results, variant))]
 
+
+
+def rule_table(results: pd.DataFrame, method: str, variant: str = "spade",
+               baseline: str = "dense", percent: bool = True) -> pd.DataFrame:
+    """Table L.19: one method's AUC and Pointing Game per Trojan rule, baseline against variant.
+
+    Each rule's row is :func:`summary`'s row for ``method`` on that rule's samples (the better
+    aggregation's mean per side, delta +- standard error of the per-sample difference, counts).
+    The ``Average`` row is the mean of the rule rows, as the paper's table averages its rules;
+    its standard error combines theirs (``sqrt(sum se^2) / rules``, the rules' samples being
+    independent). A rule with no score on a side makes that side's average NaN.
+
+    Parameters
+    ----------
+    results
+        The table from :func:`spade_lib.results.evaluate` (columns ``rule``, ``rule_name``).
+    method
+        The saliency method to report (e.g. ``"LRP"``, as in the paper).
+    variant, baseline
+        Variant names to compare.
+    percent
+        Scale scores by 100.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by rule name (in rule order) plus ``Average``; the columns of :func:`summary`
+        for ``auc`` and ``pointing`` (without ``aggregation``), and ``n`` (samples).
+
+    Raises
+    ------
+    ValueError
+        ``method`` is not in ``results``, or a variant is missing.
+    """
+    methods = list(dict.fromkeys(results["method"]))
+    if method not in methods:
+        raise ValueError(f"method {method!r} is not in the results; they have {methods}")
+    rows = results[results["method"] == method]
+    _check_table(rows, [variant, baseline])
+    keep = [f"{m}_{c}" for m in ("auc", "pointing")
+            for c in (baseline, variant, "delta", "se", f"n_{baseline}", f"n_{variant}")]
+    parts, names = [], []
+    for rule in sorted(rows["rule"].unique()):
+        sub = rows[rows["rule"] == rule]
+        parts.append(summary(sub, variant, baseline, percent).loc[method, [*keep, "n"]])
+        names.append(str(sub["rule_name"].iloc[0]))
+    table = pd.DataFrame(parts, index=pd.Index(names, name=None))
+    average = table.mean(axis=0, skipna=False)
+    for metric in ("auc", "pointing"):
+        average[f"{metric}_se"] = float(np.sqrt((table[f"{metric}_se"] ** 2).sum(skipna=False))
+                                        / len(table))
+    counts = [c for c in table.columns if "_n_" in c or c == "n"]
+    average[counts] = table[counts].sum()
+    table.loc["Average"] = average
+    table[counts] = table[counts].astype(int)
+    table.attrs["description"] = (
+        f"{method}, {variant} vs {baseline} per Trojan rule{' in %' if percent else ''}; "
+        "Average: mean of the rules (standard errors combined)")
+    return table
+
+
+PAPER_L19 = pd.DataFrame(
+    {"auc_dense": [96.23, 90.92, 86.75, 86.73, 90.15],
+     "auc_spade": [98.7, 97.87, 96.62, 93.04, 96.56],
+     "pointing_dense": [94.17, 79.43, 64.29, 54.55, 73.11],
+     "pointing_spade": [97.36, 90.85, 92.86, 72.73, 88.45]},
+    index=["Any -> 146 Albatross", "Any -> 30 BullFrog", "271 Red Wolf -> 99 Goose",
+           "893 Wallet -> 365 Orangutan", "Average"])
+"""The paper's Table L.19 (ResNet-50, ImageNet, SPADE + LRP with FastOBC and 10240 augmentations,
+21,121 samples), in %."""
+
+PAPER_L19_SAMPLES = 21121
+"""Samples of the paper's Table L.19: every ImageNet validation image that passed its filter."""
+
+
+def table_l19(results: pd.DataFrame, method: str, variant: str = "spade",
+              baseline: str = "dense", label: str = "SPADE") -> pd.io.formats.style.Styler:
+    """Table L.19 as the book prints it: :func:`rule_table` of ``method`` with the columns of
+    :func:`table_b2` (Dense / ``label`` / delta / standard error for the AUC and the Pointing
+    Game, in %, one decimal) and the samples per rule."""
+    t = rule_table(results, method, variant, baseline)
+    out = pd.DataFrame({
+        ("AUC", "Dense"): t[f"auc_{baseline}"], ("AUC", label): t[f"auc_{variant}"],
+        ("AUC", "delta"): t["auc_delta"], ("AUC", "+- se"): t["auc_se"],
+        ("Pointing Game", "Dense"): t[f"pointing_{baseline}"],
+        ("Pointing Game", label): t[f"pointing_{variant}"],
+        ("Pointing Game", "delta"): t["pointing_delta"],
+        ("Pointing Game", "+- se"): t["pointing_se"],
+        ("", "samples"): t["n"],
+    })
+    numbers = [c for c in out.columns if c[0]]
+    return out.style.format("{:.1f}", subset=numbers).set_caption(
+        f"{method}: {int(t['n'].iloc[-1])} samples; per rule the better of the two channel "
+        "aggregations' means; delta +- standard error of the per-sample difference; Average: the "
+        "mean of the rules, as in the paper")
+
+
+def full_evaluation_sentence(results: pd.DataFrame, method: str, variant: str = "spade") -> str:
+    """The paper's claim for Table L.19 (SPADE raises the average AUC and Pointing Game over the
+    rules) set against ``method``'s :func:`rule_table`, with :func:`claim_verdict` at one
+    standard error for each score and for both together."""
+    table = rule_table(results, method, variant)
+    avg, rules = table.loc["Average"], table.drop("Average")
+    paper = PAPER_L19.loc["Average"]
+    verdicts = {m: claim_verdict(float(avg[f"{m}_delta"]), float(avg[f"{m}_se"]), 1.0)
+                for m in ("auc", "pointing")}
+    if "fails" in verdicts.values():
+        both = "fails"
+    elif "not comparable" in verdicts.values():
+        both = "is not comparable (a side has no score)"
+    else:
+        both = "holds" if set(verdicts.values()) == {"holds"} else "is inconclusive"
+    raised = int((rules["auc_delta"] > 0).sum())
+    return (
+        f"**The paper**: SPADE + LRP raises the average over its four rules of the AUC from "
+        f"{paper['auc_dense']:.2f} to {paper['auc_spade']:.2f} and of the Pointing Game from "
+        f"{paper['pointing_dense']:.2f} to {paper['pointing_spade']:.2f}, on "
+        f"{PAPER_L19_SAMPLES:,} ImageNet samples. **Here**, {method} on {int(avg['n'])} "
+        f"sample{'' if int(avg['n']) == 1 else 's'}: "
+        f"AUC {avg['auc_dense']:.1f} -> {avg[f'auc_{variant}']:.1f} "
+        f"({avg['auc_delta']:+.1f} +- {avg['auc_se']:.1f}, {verdicts['auc']}), Pointing Game "
+        f"{avg['pointing_dense']:.1f} -> {avg[f'pointing_{variant}']:.1f} "
+        f"({avg['pointing_delta']:+.1f} +- {avg['pointing_se']:.1f}, {verdicts['pointing']}); "
+        f"the AUC rises on {raised} of {len(rules)} rules. **Verdict** (both scores rise, at one "
+        f"standard error): the claim {both}.")
 
 
 # --------------------------------------------------------------------------------------------

@@ -125,7 +125,8 @@ def _page(failed: list[str]) -> Iterator:
 
 def test_every_chapter_is_built(site: Path) -> None:
     for name in ("saliency_methods", "additional_results", "hyperparameters", "ablation",
-                 "gradient_noise", "computational_cost", "fastobc", "fidelity", "mask_agreement"):
+                 "gradient_noise", "computational_cost", "fastobc", "fidelity", "mask_agreement",
+                 "full_evaluation"):
         page = (site / f"{name}.html").read_text()
         assert "Traceback" not in page, name
     assert "Table B.2" in (site / "additional_results.html").read_text()
@@ -134,6 +135,8 @@ def test_every_chapter_is_built(site: Path) -> None:
     assert "Table F.15" in (site / "computational_cost.html").read_text()
     assert "Table J.18" in (site / "fidelity.html").read_text()
     assert "Figure K.11" in (site / "mask_agreement.html").read_text()
+    full = (site / "full_evaluation.html").read_text()
+    assert "Table L.19" in full and "pass the filter" in full and "Verdict" in full
     fobc = (site / "fastobc.html").read_text()
     assert "Table I.16" in fobc and "Table I.17" in fobc and "mask group" in fobc
     ablation = (site / "ablation.html").read_text()

@@ -148,3 +148,12 @@ def test_parse_overrides_reads_yaml_values_and_names_a_bad_item() -> None:
     for bad in ("epochs", "=2"):
         with pytest.raises(ValueError, match=f"override '{bad}' is not of the form KEY=VALUE"):
             config.parse_overrides([bad])
+
+
+def test_where_the_evaluation_runs_does_not_change_digests() -> None:
+    cfg = config.load("smoke")
+    far = cfg.replace(scheduler="tcp://10.0.0.1:8786", workers=4)
+    assert far.digest() == cfg.digest()
+    assert far.digest(("seed", "scheduler")) == cfg.digest(("seed",))
+    with pytest.raises(ValueError, match="workers"):
+        cfg.replace(workers=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -131,3 +133,15 @@ def test_tuning_and_evaluation_samples_use_their_rule_sets(cfg: config.Config) -
     chosen = sampling.evaluation_samples(cfg, oracle)
     assert len(chosen) == cfg.samples
     assert [r.name for r in chosen.poisoned.rules] == [r.name for r in trojan.rule_set(cfg.rules)]
+
+
+def test_every_passing_sample_when_n_is_none(scenes) -> None:
+    test, poisoned = scenes
+    oracle, eligible = _random_oracle(scenes, seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the whole set is asked for: no "only k of" warning
+        every = sampling.select_samples(oracle, test, poisoned, None, seed=0)
+    assert every.ids == np.flatnonzero(eligible).tolist()
+    assert every.table.attrs["requested"] is None
+    assert sum(every.table.attrs["checked"].values()) == len(poisoned)
+    assert set(sampling.select_samples(oracle, test, poisoned, 5, seed=0).ids) <= set(every.ids)

@@ -210,3 +210,62 @@ def test_class_change_names_both_classes() -> None:
     assert tables.class_change(np.int64(0), 9, classes=list("abcdefghij")) == "a -> j"
     with pytest.raises(IndexError):
         tables.class_change(10, 0)
+
+
+def _rules_frame() -> pd.DataFrame:
+    """``_frame`` on six samples: samples 0-2 of rule 0, 3-5 of rule 1 (rule 1 with other
+    scores), plus a second method that must not enter rule_table's rows."""
+    first = _frame()
+    second = _frame().assign(sample=lambda f: f["sample"] + 3)
+    second[["auc_sum", "auc_abs"]] = second[["auc_sum", "auc_abs"]] * 0.5
+    out = pd.concat([first, second], ignore_index=True)
+    out["rule"] = (out["sample"] >= 3).astype(int)
+    out["rule_name"] = out["rule"].map({0: "star: T-shirt->Sandal", 1: "fish: Any->Sneaker"})
+    return out
+
+
+def test_rule_table_is_the_summary_of_each_rule_and_their_mean() -> None:
+    frame = _rules_frame()
+    table = tables.rule_table(frame, "A")
+    assert list(table.index) == ["star: T-shirt->Sandal", "fish: Any->Sneaker", "Average"]
+    for rule, name in enumerate(table.index[:2]):
+        alone = tables.summary(frame[(frame["rule"] == rule) & (frame["method"] == "A")])
+        for col in ("auc_dense", "auc_spade", "auc_delta", "auc_se", "pointing_delta", "n"):
+            assert table.loc[name, col] == pytest.approx(alone.loc["A", col]), (name, col)
+    assert table.loc["star: T-shirt->Sandal", "auc_spade"] == pytest.approx(90.0)
+    assert table.loc["fish: Any->Sneaker", "auc_spade"] == pytest.approx(45.0)
+    assert table.loc["Average", "auc_spade"] == pytest.approx(67.5)
+    ses = table["auc_se"].iloc[:2].to_numpy()
+    assert table.loc["Average", "auc_se"] == pytest.approx(math.sqrt((ses ** 2).sum()) / 2)
+    assert table.loc["Average", "n"] == 6 and table["n"].dtype.kind == "i"
+    with pytest.raises(ValueError, match="method 'LRP' is not in the results; they have"):
+        tables.rule_table(frame, "LRP")
+
+
+def test_full_evaluation_sentence_gives_the_verdict_of_both_scores() -> None:
+    frame = _rules_frame()
+    text = tables.full_evaluation_sentence(frame, "A")
+    table = tables.rule_table(frame, "A")
+    avg = table.loc["Average"]
+    assert f"AUC {avg['auc_dense']:.1f} -> {avg['auc_spade']:.1f}" in text
+    assert "on 6 samples" in text and "rises on 2 of 2 rules" in text
+    pointing = tables.claim_verdict(avg["pointing_delta"], avg["pointing_se"], 1.0)
+    auc = tables.claim_verdict(avg["auc_delta"], avg["auc_se"], 1.0)
+    assert auc == "holds"
+    want = "holds" if pointing == "holds" else "fails" if pointing == "fails" else "inconclusive"
+    assert f"the claim {want}" in text or f"the claim is {want}" in text
+    worse = frame.copy()
+    spade = worse["variant"] == "spade"
+    worse.loc[spade, ["auc_sum", "auc_abs"]] = 0.0  # SPADE's maps miss the patch everywhere
+    assert "the claim fails" in tables.full_evaluation_sentence(worse, "A")
+
+
+def test_table_l19_prints_the_rule_table() -> None:
+    frame = _rules_frame()
+    styled = tables.table_l19(frame, "A")
+    data, numbers = styled.data, tables.rule_table(frame, "A")
+    assert list(data.index) == list(numbers.index)
+    assert data[("AUC", "SPADE")].tolist() == numbers["auc_spade"].tolist()
+    assert data[("Pointing Game", "+- se")].tolist() == numbers["pointing_se"].tolist()
+    assert data[("", "samples")].tolist() == [3, 3, 6]
+    assert "6 samples" in styled.caption

@@ -1,0 +1,307 @@
+"""The evaluation on Dask distributed: one task per sample, each task writing its own rows.
+
+:func:`evaluate_distributed` computes what :func:`spade_lib.results.evaluate` computes (the same
+rows, the same store, the same order) with the samples spread over the workers of a Dask cluster:
+a :class:`distributed.LocalCluster` on this machine by default (one single-threaded worker process
+per core), or any running cluster, named by its scheduler's address (``scheduler`` in the config)
+or passed as a ``Client``. Each task explains one sample (or a small chunk) and writes its rows to
+the run's :class:`~spade_lib.store.ResultStore` itself, atomically, before it reports back. So:
+
+- a run whose client dies loses nothing that finished: the next call finds those files and
+  submits only the samples without one;
+- a worker that dies mid-task leaves no file (at most an ignored ``.tmp``); Dask reruns the task
+  on another worker, and a task whose sample already has a file returns without recomputing it;
+- a sample is one file whatever happens, so no row is lost or duplicated, and a file that exists
+  is whole.
+
+The store must be on a filesystem every worker sees (on a cluster, a shared folder). GPU workers
+are declared by Dask resources: start them with ``--resources GPU=1``; with ``device: cuda`` each
+task asks for one ``GPU`` and runs on its worker's device.
+
+A cluster on SLURM (dask-jobqueue, not a dependency of this package)::
+
+    from dask_jobqueue import SLURMCluster
+    from distributed import Client
+
+    cluster = SLURMCluster(cores=8, processes=1, memory="64GB", walltime="04:00:00",
+                           job_extra_directives=["--gres=gpu:1"],
+                           worker_extra_args=["--resources", "GPU=1"])
+    cluster.scale(jobs=16)                 # 16 GPU workers
+    with Client(cluster) as client:
+        table = evaluate_distributed(cfg.replace(device="cuda"), client=client,
+                                     store="/shared/spade-results")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+from torch import nn
+
+from spade_lib.checks import check_positive_int
+from spade_lib.config import Config
+from spade_lib.results import Run, prepare_run, run_sample
+from spade_lib.store import ResultStore
+from spade_lib.variants import Variant
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+__all__ = ["DEFAULT_SAMPLES", "METHODS", "TaskReport", "connect", "default_count",
+           "evaluate_distributed", "throughput", "worker_count"]
+
+METHODS = ("LRP", "Saliency")
+"""Chapter L's methods: LRP, as in the paper's Table L.19, and one gradient method."""
+
+DEFAULT_SAMPLES = {"smoke": 4, "cpu": 48}
+"""Chapter L's default sample count per preset (the whole set is ``whole_set=True``); a preset
+not named here evaluates every sample that passes the filter."""
+
+
+def default_count(cfg: Config, samples: int | None = None, whole_set: bool = False) -> int | None:
+    """Chapter L's sample count: ``None`` (every sample that passes the filter) for
+    ``whole_set``, else ``samples`` if given, else :data:`DEFAULT_SAMPLES` of the preset (a preset
+    without an entry: ``None``)."""
+    if whole_set:
+        return None
+    if samples is not None:
+        return check_positive_int(samples, "samples")
+    return DEFAULT_SAMPLES.get(cfg.name)
+
+
+def worker_count(cfg: Config) -> int:
+    """Workers of the local cluster: ``cfg.workers``, else one per core this process may use."""
+    if cfg.workers is not None:
+        return int(cfg.workers)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def connect(cfg: Config, n_workers: int | None = None,
+            resources: Mapping[str, float] | None = None) -> Iterator[Client]:
+    """A Dask client for ``cfg``'s evaluation, closed (with any cluster made here) on exit.
+
+    Parameters
+    ----------
+    cfg
+        ``cfg.scheduler``: the address of a running scheduler (e.g. ``"tcp://10.0.0.1:8786"``)
+        to connect to; ``None``: start a :class:`distributed.LocalCluster` of
+        ``n_workers`` (default :func:`worker_count`) worker processes with one thread each.
+    n_workers
+        Overrides the local cluster's size.
+    resources
+        Resources of each local worker, e.g. ``{"GPU": 1}`` (default: ``{"GPU": 1}`` when
+        ``cfg.device`` resolves to ``"cuda"``, with one worker per visible GPU).
+
+    Raises
+    ------
+    ValueError
+        ``n_workers`` below 1.
+    """
+    from distributed import Client, LocalCluster
+
+    if cfg.scheduler is not None:
+        with Client(cfg.scheduler) as client:
+            yield client
+        return
+    n = worker_count(cfg) if n_workers is None else int(n_workers)
+    if n < 1:
+        raise ValueError(f"n_workers must be at least 1, got {n_workers!r}")
+    if resources is None and cfg.torch_device() == "cuda":
+        import torch
+
+        resources = {"GPU": 1}
+        if n_workers is None:
+            n = torch.cuda.device_count()
+    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                      resources=dict(resources or {}), dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+@dataclass(frozen=True)
+class TaskReport:
+    """What one task did: the samples whose rows it wrote and those it found already written
+    (by an earlier run, or an earlier attempt of the same task), on which worker, in how long."""
+
+    computed: tuple[int, ...]
+    found: tuple[int, ...]
+    worker: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything a task needs, sent to each worker once (``Client.scatter``)."""
+
+    cfg: Config
+    model: nn.Module
+    samples: Any
+    methods: list[str]
+    variants: list[Variant]
+    method_options: Mapping[str, Mapping[str, Any]] | None
+    key: str
+    store: ResultStore
+
+
+# Per worker process: the job's model on the worker's device and the many-image networks shared
+# between its samples (spade_lib.variants.variant_network), by run key.
+_WORKER_STATE: dict[str, dict[str, Any]] = {}
+
+
+def _worker_device(cfg: Config) -> str:
+    device = cfg.torch_device()
+    if device != "cuda":
+        return device
+    import torch
+    from distributed import get_worker
+
+    name = get_worker().name
+    index = name if isinstance(name, int) else 0
+    return f"cuda:{index % torch.cuda.device_count()}"
+
+
+def _run_samples(job: _Job, positions: Sequence[int]) -> TaskReport:
+    """The task: explain the samples at ``positions`` and write each one's rows to the store."""
+    import torch
+    from distributed import get_worker
+
+    start = time.perf_counter()
+    worker = get_worker()
+    torch.set_num_threads(max(1, int(worker.state.nthreads)))
+    state = _WORKER_STATE.get(job.key)
+    if state is None:
+        _WORKER_STATE.clear()  # one run at a time per worker: free the last run's networks
+        device = _worker_device(job.cfg)
+        state = _WORKER_STATE[job.key] = {"model": job.model.to(device), "shared": {}}
+    computed, found = [], []
+    for position in positions:
+        sample = job.samples.ids[position]
+        if job.store.file(sample).exists():
+            found.append(sample)
+            continue
+        rows = run_sample(job.cfg, state["model"], job.samples, position, job.methods,
+                          job.variants, job.method_options, config_hash=job.key,
+                          shared=state["shared"])
+        job.store.write(sample, rows)
+        computed.append(sample)
+    return TaskReport(tuple(computed), tuple(found), str(worker.address),
+                      time.perf_counter() - start)
+
+
+def evaluate_distributed(
+    cfg: Config,
+    model: nn.Module | None = None,
+    samples: Any = None,
+    methods: Sequence[str] | None = None,
+    variants: Sequence[str | Variant] | Mapping[str, Any] = ("dense", "spade"),
+    store: bool | str | os.PathLike | ResultStore = True,
+    progress: bool = True,
+    method_options: Mapping[str, Mapping[str, Any]] | None = None,
+    client: Client | None = None,
+    chunk: int = 1,
+    reports: list[TaskReport] | None = None,
+) -> pd.DataFrame:
+    """:func:`spade_lib.results.evaluate` with the samples spread over a Dask cluster.
+
+    The parameters up to ``method_options`` are those of :func:`~spade_lib.results.evaluate`
+    and give the same table (columns :data:`spade_lib.store.COLUMNS`, the same order), read
+    back from the same store, except that ``store`` cannot be ``False``: the tasks deliver
+    their rows through it. Finished samples found there are not recomputed.
+
+    Parameters
+    ----------
+    client
+        A ``distributed.Client`` to run on; default: :func:`connect` (``cfg.scheduler``, else a
+        local cluster), closed when done.
+    chunk
+        Samples per task (1: one task per sample; more saves scheduling on tiny samples).
+    reports
+        A list that receives each finished task's :class:`TaskReport` (for throughput).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The results table, as :func:`~spade_lib.results.evaluate` returns it.
+
+    Raises
+    ------
+    ValueError
+        ``store`` is ``False`` or ``None``, ``chunk`` is not a positive integer, or any argument
+        :func:`~spade_lib.results.evaluate` refuses.
+    RuntimeError
+        A task finished but its file is not in the store as the client sees it (the store is not
+        on a filesystem shared with the workers).
+    Exception
+        The first error a task raised (the other tasks are cancelled; what finished stays stored).
+    """
+    if store is None or store is False:
+        raise ValueError("evaluate_distributed needs a result store (store=True, a directory or "
+                         f"a ResultStore): its tasks deliver their rows through it; got {store!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    run = prepare_run(cfg, model, samples, methods, variants, store, progress, method_options)
+    if client is None:
+        with connect(cfg) as own:
+            return _run_on(own, run, chunk, progress, reports)
+    return _run_on(client, run, chunk, progress, reports)
+
+
+def _run_on(client: Client, run: Run, chunk: int, progress: bool,
+            reports: list[TaskReport] | None) -> pd.DataFrame:
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    assert run.store is not None
+    ids = run.samples.ids
+    done = run.store.done()
+    todo = [p for p, s in enumerate(ids) if s not in done]
+    if todo:
+        model = copy.deepcopy(run.model).cpu() if _on_gpu(run.model) else run.model
+        job = _Job(run.cfg, model, run.samples,
+                   run.methods, run.variants, run.method_options, run.key, run.store)
+        [shipped] = client.scatter([job], broadcast=True, hash=False)
+        resources = {"GPU": 1} if run.cfg.torch_device() == "cuda" else None
+        futures = [client.submit(_run_samples, shipped, todo[i:i + chunk],
+                                 key=f"spade-{run.key}-{ids[todo[i]]:07d}", resources=resources)
+                   for i in range(0, len(todo), chunk)]
+        with tqdm(total=len(ids), initial=len(ids) - len(todo), desc="samples",
+                  disable=not progress) as bar:
+            try:
+                for future in as_completed(futures):
+                    report = future.result()  # re-raises a task's error here
+                    if reports is not None:
+                        reports.append(report)
+                    bar.update(len(report.computed) + len(report.found))
+            finally:
+                client.cancel(futures)
+    missing = [s for s in ids if not run.store.file(s).exists()]
+    if missing:
+        raise RuntimeError(f"the workers finished samples {missing[:5]} (of {len(missing)}) but "
+                           f"their files are not in {str(run.store.path)!r} as this process sees "
+                           "it: the store must be on a filesystem every worker shares")
+    return run.ordered(run.store.read(ids))
+
+
+def throughput(reports: Sequence[TaskReport], seconds: float) -> dict[str, float]:
+    """Samples computed, workers used, samples per second over ``seconds`` of wall time, and
+    the mean seconds of a computed sample inside its task, from a run's :class:`TaskReport` s."""
+    computed = sum(len(r.computed) for r in reports)
+    busy = sum(r.seconds for r in reports if r.computed)
+    return {"samples": computed, "workers": len({r.worker for r in reports}),
+            "seconds": seconds, "samples_per_second": computed / seconds if seconds > 0 else 0.0,
+            "task_seconds_per_sample": busy / computed if computed else float("nan")}
+
+
+def _on_gpu(model: nn.Module) -> bool:
+    return any(p.is_cuda for p in model.parameters())
