@@ -171,6 +171,13 @@ def _worker_device(cfg: Config) -> str:
     return f"cuda:{index % torch.cuda.device_count()}"
 
 
+def _torch_threads(nthreads: int, gpus: float | None) -> int:
+    """CPU threads of one task: the worker's threads shared by the tasks it runs at once (one per
+    thread, or one per GPU when its tasks each take a GPU), so a worker never oversubscribes."""
+    at_once = min(nthreads, int(gpus)) if gpus else nthreads
+    return max(1, nthreads // max(1, at_once))
+
+
 def _run_samples(job: _Job, positions: Sequence[int]) -> TaskReport:
     """The task: explain the samples at ``positions`` and write each one's rows to the store."""
     import torch
@@ -178,7 +185,8 @@ def _run_samples(job: _Job, positions: Sequence[int]) -> TaskReport:
 
     start = time.perf_counter()
     worker = get_worker()
-    torch.set_num_threads(max(1, int(worker.state.nthreads)))
+    torch.set_num_threads(_torch_threads(int(worker.state.nthreads),
+                                         worker.state.total_resources.get("GPU")))
     state = _WORKER_STATE.get(job.key)
     if state is None:
         _WORKER_STATE.clear()  # one run at a time per worker: free the last run's networks
@@ -251,13 +259,14 @@ def evaluate_distributed(
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
     run = prepare_run(cfg, model, samples, methods, variants, store, progress, method_options)
-    if client is None:
-        with connect(cfg) as own:
+    assert run.store is not None
+    if client is None and set(run.samples.ids) - run.store.done():
+        with connect(cfg) as own:  # a cluster only when there is something to compute
             return _run_on(own, run, chunk, progress, reports)
     return _run_on(client, run, chunk, progress, reports)
 
 
-def _run_on(client: Client, run: Run, chunk: int, progress: bool,
+def _run_on(client: Client | None, run: Run, chunk: int, progress: bool,
             reports: list[TaskReport] | None) -> pd.DataFrame:
     from distributed import as_completed
     from tqdm.auto import tqdm
@@ -267,6 +276,7 @@ def _run_on(client: Client, run: Run, chunk: int, progress: bool,
     done = run.store.done()
     todo = [p for p, s in enumerate(ids) if s not in done]
     if todo:
+        assert client is not None
         model = copy.deepcopy(run.model).cpu() if _on_gpu(run.model) else run.model
         job = _Job(run.cfg, model, run.samples,
                    run.methods, run.variants, run.method_options, run.key, run.store)

@@ -183,3 +183,12 @@ def test_chapter_count_and_throughput(tmp_path) -> None:
     assert speed == {"samples": 3, "workers": 2, "seconds": 5.0, "samples_per_second": 0.6,
                      "task_seconds_per_sample": 2.0}
     assert distributed.worker_count(cfg.replace(workers=3)) == 3
+
+
+def test_a_task_uses_the_cores_its_worker_does_not_share() -> None:
+    from spade_lib.distributed import _torch_threads
+
+    assert _torch_threads(1, None) == 1  # the local cluster: one single-threaded worker per core
+    assert _torch_threads(8, None) == 1  # eight tasks at once on eight threads
+    assert _torch_threads(8, 1) == 8  # one GPU task at a time: it has the worker's eight cores
+    assert _torch_threads(8, 2) == 4
