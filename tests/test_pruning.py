@@ -488,3 +488,12 @@ def test_gpu_prune_layers_equals_cpu():
                                 for name, (w, h, s) in layers.items()}, "fastobc", mask_group=1)
     for name in layers:
         torch.testing.assert_close(gpu[name][0].cpu(), cpu[name][0], rtol=1e-7, atol=1e-7)
+
+
+def test_obc_row_batches_fill_a_quarter_of_a_gpus_free_memory() -> None:
+    assert pruning.obc_batch_bytes(torch.device("cpu")) == 2**28
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    device = torch.device("cuda")
+    free, _ = torch.cuda.mem_get_info(device)
+    assert pruning.obc_batch_bytes(device) == max(2**31, free // 4)
