@@ -4,7 +4,7 @@ The same samples (chapter L's: LRP and Saliency, dense and SPADE) are explained 
 runner in this process (``results.evaluate``, the baseline) and by ``evaluate_distributed`` on a
 local cluster of 1 and of 2 single-threaded workers, each into a fresh store. Prints samples per
 second and the ratio to the serial runner; the cluster's start-up is timed apart (it is paid once
-per run, not per sample).
+per run, not per sample), and a run's seconds go from its first submission to its last result.
 
 Examples
 --------
@@ -58,15 +58,14 @@ def main() -> None:
             up = time.perf_counter()
             with distributed.connect(cfg, n_workers=n) as client:
                 ready = time.perf_counter()
-                reports: list[distributed.TaskReport] = []
+                log = distributed.RunLog()
                 distributed.evaluate_distributed(cfg, model, samples, methods, variants,
                                                  store=store, progress=False, client=client,
-                                                 reports=reports)
-                seconds = time.perf_counter() - ready
-            speed = distributed.throughput(reports, seconds)
+                                                 log=log)
+            speed = log.throughput()
             rows.append({"engine": "Dask LocalCluster", "workers": n, "threads per worker": 1,
                          "samples": speed["samples"], "start-up s": ready - up,
-                         "seconds": seconds, "samples/s": speed["samples_per_second"]})
+                         "seconds": speed["seconds"], "samples/s": speed["samples_per_second"]})
 
     table = pd.DataFrame(rows)
     table["vs serial"] = table["samples/s"] / table["samples/s"].iloc[0]

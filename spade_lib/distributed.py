@@ -14,9 +14,16 @@ the run's :class:`~spade_lib.store.ResultStore` itself, atomically, before it re
 - a sample is one file whatever happens, so no row is lost or duplicated, and a file that exists
   is whole.
 
-The store must be on a filesystem every worker sees (on a cluster, a shared folder). GPU workers
-are declared by Dask resources: start them with ``--resources GPU=1``; with ``device: cuda`` each
-task asks for one ``GPU`` and runs on its worker's device.
+What the tasks need (config, model, samples, methods, variants) is written once per call to a
+hidden file in the store (``.job-TOKEN.pkl``, removed when the call ends) and read once by each
+worker process, so no task depends on data that a dying worker could take with it. The store must
+therefore be on a filesystem every worker sees (on a cluster, a shared folder).
+
+GPU workers are declared by Dask resources: start them with ``--resources GPU=1``, one worker
+per GPU (give each its own ``CUDA_VISIBLE_DEVICES``, as dask-cuda does). With ``device: cuda``
+every task asks for one ``GPU`` (an error names the scheduler if no worker offers one); with
+``device: auto`` tasks ask for a GPU when the cluster's workers offer them; the client itself
+never needs a GPU (the model is loaded and the samples are selected on its CPU).
 
 A cluster on SLURM (dask-jobqueue, not a dependency of this package)::
 
@@ -36,10 +43,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
+import pickle
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -47,6 +58,7 @@ from torch import nn
 
 from spade_lib.checks import check_positive_int
 from spade_lib.config import Config
+from spade_lib.files import atomic_write
 from spade_lib.results import Run, prepare_run, run_sample
 from spade_lib.store import ResultStore
 from spade_lib.variants import Variant
@@ -54,8 +66,8 @@ from spade_lib.variants import Variant
 if TYPE_CHECKING:
     from distributed import Client
 
-__all__ = ["DEFAULT_SAMPLES", "METHODS", "TaskReport", "connect", "default_count",
-           "evaluate_distributed", "throughput", "worker_count"]
+__all__ = ["DEFAULT_SAMPLES", "METHODS", "RunLog", "TaskReport", "connect", "default_count",
+           "evaluate_distributed", "worker_count"]
 
 METHODS = ("LRP", "Saliency")
 """Chapter L's methods: LRP, as in the paper's Table L.19, and one gradient method."""
@@ -95,13 +107,13 @@ def connect(cfg: Config, n_workers: int | None = None,
     ----------
     cfg
         ``cfg.scheduler``: the address of a running scheduler (e.g. ``"tcp://10.0.0.1:8786"``)
-        to connect to; ``None``: start a :class:`distributed.LocalCluster` of
-        ``n_workers`` (default :func:`worker_count`) worker processes with one thread each.
+        to connect to; ``None``: start a :class:`distributed.LocalCluster` of ``n_workers``
+        (default :func:`worker_count`) worker processes with one thread each.
     n_workers
         Overrides the local cluster's size.
     resources
-        Resources of each local worker, e.g. ``{"GPU": 1}`` (default: ``{"GPU": 1}`` when
-        ``cfg.device`` resolves to ``"cuda"``, with one worker per visible GPU).
+        Resources of each local worker, e.g. ``{"GPU": 1}`` (default: ``{"GPU": 1}`` and one
+        worker per visible GPU when ``cfg.device`` resolves to ``"cuda"`` on this machine).
 
     Raises
     ------
@@ -140,9 +152,45 @@ class TaskReport:
     seconds: float
 
 
+@dataclass
+class RunLog:
+    """What one call of :func:`evaluate_distributed` did: where it ran, each task's
+    :class:`TaskReport`, and the wall time from the first submission to the last result
+    (cluster start-up excluded; both ``None`` when every sample was already stored)."""
+
+    where: str = ""
+    workers: int = 0
+    threads: int = 0
+    gpu: bool = False
+    tasks: list[TaskReport] = field(default_factory=list)
+    submitted: float | None = None
+    finished: float | None = None
+
+    @property
+    def computed(self) -> int:
+        """Samples computed by this call."""
+        return sum(len(t.computed) for t in self.tasks)
+
+    @property
+    def seconds(self) -> float:
+        """Wall seconds from the first submission to the last result (0 if nothing ran)."""
+        if self.submitted is None or self.finished is None:
+            return 0.0
+        return self.finished - self.submitted
+
+    def throughput(self) -> dict[str, float]:
+        """Samples computed, workers, wall seconds, samples per second (NaN when nothing was
+        computed) and the mean seconds of a computed sample inside its task."""
+        busy = sum(t.seconds for t in self.tasks if t.computed)
+        n = self.computed
+        return {"samples": n, "workers": self.workers, "seconds": self.seconds,
+                "samples_per_second": n / self.seconds if n and self.seconds > 0 else math.nan,
+                "task_seconds_per_sample": busy / n if n else math.nan}
+
+
 @dataclass(frozen=True)
 class _Job:
-    """Everything a task needs, sent to each worker once (``Client.scatter``)."""
+    """Everything a task needs, written once per call to a file every worker reads."""
 
     cfg: Config
     model: nn.Module
@@ -152,23 +200,25 @@ class _Job:
     method_options: Mapping[str, Mapping[str, Any]] | None
     key: str
     store: ResultStore
+    gpu: bool
 
 
-# Per worker process: the job's model on the worker's device and the many-image networks shared
-# between its samples (spade_lib.variants.variant_network), by run key.
+# Per worker process: the last job read, its model on the worker's device and the many-image
+# networks shared between its samples (spade_lib.variants.variant_network), by job token.
 _WORKER_STATE: dict[str, dict[str, Any]] = {}
 
 
-def _worker_device(cfg: Config) -> str:
-    device = cfg.torch_device()
-    if device != "cuda":
-        return device
+def _worker_device(gpu: bool, name: Any) -> str:
+    """The task's device: the CPU, or the worker's GPU (LocalCluster workers are named 0, 1, ...
+    and take the GPU of their number; any other worker the current device, which
+    ``CUDA_VISIBLE_DEVICES`` decides)."""
+    if not gpu:
+        return "cpu"
     import torch
-    from distributed import get_worker
 
-    name = get_worker().name
-    index = name if isinstance(name, int) else 0
-    return f"cuda:{index % torch.cuda.device_count()}"
+    device = f"cuda:{name % torch.cuda.device_count()}" if isinstance(name, int) else "cuda"
+    torch.cuda.set_device(torch.device(device))
+    return device
 
 
 def _torch_threads(nthreads: int, gpus: float | None) -> int:
@@ -178,28 +228,43 @@ def _torch_threads(nthreads: int, gpus: float | None) -> int:
     return max(1, nthreads // max(1, at_once))
 
 
-def _run_samples(job: _Job, positions: Sequence[int]) -> TaskReport:
-    """The task: explain the samples at ``positions`` and write each one's rows to the store."""
+def _job_state(path: str, token: str) -> dict[str, Any]:
+    """The worker's copy of job ``token``: read from ``path`` on first use, model moved to the
+    worker's device."""
+    from distributed import get_worker
+
+    state = _WORKER_STATE.get(token)
+    if state is None:
+        _WORKER_STATE.clear()  # one job at a time per worker: free the last one's networks
+        with open(path, "rb") as fh:
+            job: _Job = pickle.load(fh)
+        device = _worker_device(job.gpu, get_worker().name)
+        state = _WORKER_STATE[token] = {
+            "job": job, "model": job.model.to(device), "shared": {},
+            "position": {s: i for i, s in enumerate(job.samples.ids)}}
+    return state
+
+
+def _run_samples(path: str, token: str, sample_ids: Sequence[int]) -> TaskReport:
+    """The task: explain the samples ``sample_ids`` of the job in ``path`` and write each one's
+    rows to the store."""
     import torch
     from distributed import get_worker
 
     start = time.perf_counter()
     worker = get_worker()
+    state = _job_state(path, token)
+    job: _Job = state["job"]
     torch.set_num_threads(_torch_threads(int(worker.state.nthreads),
-                                         worker.state.total_resources.get("GPU")))
-    state = _WORKER_STATE.get(job.key)
-    if state is None:
-        _WORKER_STATE.clear()  # one run at a time per worker: free the last run's networks
-        device = _worker_device(job.cfg)
-        state = _WORKER_STATE[job.key] = {"model": job.model.to(device), "shared": {}}
+                                         worker.state.total_resources.get("GPU") if job.gpu
+                                         else None))
     computed, found = [], []
-    for position in positions:
-        sample = job.samples.ids[position]
+    for sample in sample_ids:
         if job.store.file(sample).exists():
             found.append(sample)
             continue
-        rows = run_sample(job.cfg, state["model"], job.samples, position, job.methods,
-                          job.variants, job.method_options, config_hash=job.key,
+        rows = run_sample(job.cfg, state["model"], job.samples, state["position"][sample],
+                          job.methods, job.variants, job.method_options, config_hash=job.key,
                           shared=state["shared"])
         job.store.write(sample, rows)
         computed.append(sample)
@@ -218,24 +283,26 @@ def evaluate_distributed(
     method_options: Mapping[str, Mapping[str, Any]] | None = None,
     client: Client | None = None,
     chunk: int = 1,
-    reports: list[TaskReport] | None = None,
+    log: RunLog | None = None,
 ) -> pd.DataFrame:
     """:func:`spade_lib.results.evaluate` with the samples spread over a Dask cluster.
 
     The parameters up to ``method_options`` are those of :func:`~spade_lib.results.evaluate`
     and give the same table (columns :data:`spade_lib.store.COLUMNS`, the same order), read
     back from the same store, except that ``store`` cannot be ``False``: the tasks deliver
-    their rows through it. Finished samples found there are not recomputed.
+    their rows through it. Finished samples found there are not recomputed. The default model
+    is loaded on this process's CPU (the workers move it to their device).
 
     Parameters
     ----------
     client
         A ``distributed.Client`` to run on; default: :func:`connect` (``cfg.scheduler``, else a
-        local cluster), closed when done.
+        local cluster), started only when a sample is missing and closed when done.
     chunk
         Samples per task (1: one task per sample; more saves scheduling on tiny samples).
-    reports
-        A list that receives each finished task's :class:`TaskReport` (for throughput).
+    log
+        A :class:`RunLog` that receives where the run went, each task's report and the wall
+        time (for throughput).
 
     Returns
     -------
@@ -245,11 +312,12 @@ def evaluate_distributed(
     Raises
     ------
     ValueError
-        ``store`` is ``False`` or ``None``, ``chunk`` is not a positive integer, or any argument
+        ``store`` is ``False`` or ``None``, ``chunk`` is not a positive integer, ``device`` is
+        ``"cuda"`` but no worker offers a ``GPU`` resource, or any argument
         :func:`~spade_lib.results.evaluate` refuses.
     RuntimeError
-        A task finished but its file is not in the store as the client sees it (the store is not
-        on a filesystem shared with the workers).
+        A task finished but its file is not in the store as this process sees it (the store is
+        not on a filesystem shared with the workers).
     Exception
         The first error a task raised (the other tasks are cancelled; what finished stays stored).
     """
@@ -258,43 +326,71 @@ def evaluate_distributed(
                          f"a ResultStore): its tasks deliver their rows through it; got {store!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    if model is None:
+        from spade_lib.train import trained_model
+
+        model = trained_model(cfg, progress=progress).model
     run = prepare_run(cfg, model, samples, methods, variants, store, progress, method_options)
     assert run.store is not None
     if client is None and set(run.samples.ids) - run.store.done():
         with connect(cfg) as own:  # a cluster only when there is something to compute
-            return _run_on(own, run, chunk, progress, reports)
-    return _run_on(client, run, chunk, progress, reports)
+            return _run_on(own, run, chunk, progress, log)
+    return _run_on(client, run, chunk, progress, log)
+
+
+def _wants_gpu(cfg: Config, workers: Mapping[str, Any], where: str) -> bool:
+    offered = any(w.get("resources", {}).get("GPU", 0) > 0 for w in workers.values())
+    if cfg.device == "cuda" and not offered:
+        raise ValueError(f"device is 'cuda' but no worker of {where} offers a GPU resource; "
+                         "start GPU workers with '--resources GPU=1' (or set device: cpu)")
+    return cfg.device == "cuda" or (cfg.device == "auto" and offered)
 
 
 def _run_on(client: Client | None, run: Run, chunk: int, progress: bool,
-            reports: list[TaskReport] | None) -> pd.DataFrame:
+            log: RunLog | None) -> pd.DataFrame:
     from distributed import as_completed
     from tqdm.auto import tqdm
 
     assert run.store is not None
+    log = RunLog() if log is None else log
     ids = run.samples.ids
     done = run.store.done()
-    todo = [p for p, s in enumerate(ids) if s not in done]
+    todo = [s for s in ids if s not in done]
     if todo:
         assert client is not None
-        model = copy.deepcopy(run.model).cpu() if _on_gpu(run.model) else run.model
-        job = _Job(run.cfg, model, run.samples,
-                   run.methods, run.variants, run.method_options, run.key, run.store)
-        [shipped] = client.scatter([job], broadcast=True, hash=False)
-        resources = {"GPU": 1} if run.cfg.torch_device() == "cuda" else None
-        futures = [client.submit(_run_samples, shipped, todo[i:i + chunk],
-                                 key=f"spade-{run.key}-{ids[todo[i]]:07d}", resources=resources)
-                   for i in range(0, len(todo), chunk)]
-        with tqdm(total=len(ids), initial=len(ids) - len(todo), desc="samples",
-                  disable=not progress) as bar:
-            try:
-                for future in as_completed(futures):
-                    report = future.result()  # re-raises a task's error here
-                    if reports is not None:
-                        reports.append(report)
-                    bar.update(len(report.computed) + len(report.found))
-            finally:
-                client.cancel(futures)
+        workers = client.scheduler_info()["workers"]
+        log.where = run.cfg.scheduler or "a local Dask cluster"
+        log.workers = len(workers)
+        log.threads = sum(int(w.get("nthreads", 1)) for w in workers.values())
+        log.gpu = _wants_gpu(run.cfg, workers, log.where)
+        token = uuid.uuid4().hex[:12]
+        model = run.model
+        if any(t.is_cuda for t in (*model.parameters(), *model.buffers())):
+            model = copy.deepcopy(model).cpu()  # the workers may have no GPU (or another one)
+        job = _Job(run.cfg, model, run.samples, run.methods, run.variants,
+                   run.method_options, run.key, run.store, log.gpu)
+        path = run.store.path / f".job-{token}.pkl"
+        atomic_write(path, lambda fh: pickle.dump(job, fh, protocol=pickle.HIGHEST_PROTOCOL))
+        resources = {"GPU": 1} if log.gpu else None
+        try:
+            log.submitted = time.monotonic()
+            futures = [client.submit(_run_samples, str(path), token, todo[i:i + chunk],
+                                     key=f"spade-{run.key}-{token}-{todo[i]:07d}",
+                                     resources=resources, pure=False)
+                       for i in range(0, len(todo), chunk)]
+            with tqdm(total=len(ids), initial=len(ids) - len(todo), desc="samples",
+                      disable=not progress) as bar:
+                try:
+                    for future in as_completed(futures):
+                        report = future.result()  # re-raises a task's error here
+                        log.tasks.append(report)
+                        bar.update(len(report.computed) + len(report.found))
+                finally:
+                    client.cancel(futures)
+            log.finished = time.monotonic()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                Path(path).unlink()
     missing = [s for s in ids if not run.store.file(s).exists()]
     if missing:
         raise RuntimeError(f"the workers finished samples {missing[:5]} (of {len(missing)}) but "
@@ -303,15 +399,3 @@ def _run_on(client: Client | None, run: Run, chunk: int, progress: bool,
     return run.ordered(run.store.read(ids))
 
 
-def throughput(reports: Sequence[TaskReport], seconds: float) -> dict[str, float]:
-    """Samples computed, workers used, samples per second over ``seconds`` of wall time, and
-    the mean seconds of a computed sample inside its task, from a run's :class:`TaskReport` s."""
-    computed = sum(len(r.computed) for r in reports)
-    busy = sum(r.seconds for r in reports if r.computed)
-    return {"samples": computed, "workers": len({r.worker for r in reports}),
-            "seconds": seconds, "samples_per_second": computed / seconds if seconds > 0 else 0.0,
-            "task_seconds_per_sample": busy / computed if computed else float("nan")}
-
-
-def _on_gpu(model: nn.Module) -> bool:
-    return any(p.is_cuda for p in model.parameters())

@@ -676,21 +676,24 @@ register_solver("fastobc", options=("damp", "mask_group", "block_size", "batch_b
 
 
 def obc_batch_bytes(device: torch.device) -> int:
-    """OBC's default ``batch_bytes``: 256 MiB on the CPU; on a GPU a quarter of its free memory
-    (at least 2 GiB; a batch's copies of ``H^-1`` are copied once more when removed inputs are
-    dropped).
+    """OBC's default ``batch_bytes``: 256 MiB on the CPU; on a GPU a quarter of the memory
+    PyTorch could still use there (free on the device plus its own cached, unused blocks), at
+    least 256 MiB (a batch's copies of ``H^-1`` are copied once more when removed inputs are
+    dropped, and pass 2 needs two per row).
 
     On a GPU OBC is bound by memory traffic and launches, not arithmetic: every removal step
     rank-1 downdates each row's ``H^-1`` (one operation per row batch), so fewer, larger row
     batches mean fewer launches. For torchvision's ResNet-50 (53 layers, widths summing to 54,784
     columns, about 19 operations per column and row batch) that is 7.4 million operations with 2
     GiB batches and 1.0 million with 64 GiB; the downdates themselves move about 514 TB (107 s at
-    an H200's 4.8 TB/s), whatever the batching.
+    an H200's 4.8 TB/s), whatever the batching. Each row is solved on its own, so the batch size
+    changes the speed, not which weights are pruned.
     """
     if device.type != "cuda":
         return 2**28
     free, _ = torch.cuda.mem_get_info(device)
-    return max(2**31, free // 4)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return max(2**28, (free + cached) // 4)
 
 
 @register_solver("obc", options=("damp", "batch_bytes"))

@@ -24,8 +24,8 @@ from spade_lib.config import Config
 from spade_lib.models import predict
 
 __all__ = [
-    "SAMPLE_COLUMNS", "Samples", "TableRows", "evaluation_samples", "isd_donor", "sample_seed",
-    "select_samples", "tuning_samples",
+    "SAMPLE_COLUMNS", "Samples", "TableRows", "evaluation_samples", "filter_table", "isd_donor",
+    "sample_seed", "select_samples", "tuning_samples",
 ]
 
 SAMPLE_COLUMNS = ("sample", "rule", "rule_name", "clean_label", "target", "test_index")
@@ -199,6 +199,38 @@ def select_samples(model: nn.Module, test: data.SceneSet, poisoned: data.Poisone
         checked={r.name: checked[k] for k, r in enumerate(poisoned.rules)},
         passed={r.name: len(passed[k]) for k, r in enumerate(poisoned.rules)})
     return samples
+
+
+def filter_table(passing: Samples, chosen: Samples | None = None) -> pd.DataFrame:
+    """How many patched test images each rule has, how many pass the paper's filter, and how many
+    of those ``chosen`` explains, with an ``All rules`` row.
+
+    Parameters
+    ----------
+    passing
+        Every sample that passes (:func:`select_samples` with ``n=None``), whose selection record
+        (``table.attrs``) has the per-rule ``checked`` and ``passed`` counts.
+    chosen
+        The samples explained (default: all of ``passing``).
+
+    Raises
+    ------
+    ValueError
+        ``passing`` has no selection record, or was not made with ``n=None``.
+    """
+    record = passing.table.attrs
+    if "checked" not in record or record.get("requested", 0) is not None:
+        raise ValueError("passing must be every sample that passes the filter "
+                         "(select_samples(..., n=None)), with its selection record")
+    chosen = passing if chosen is None else chosen
+    names = [r.name for r in passing.poisoned.rules]
+    per_rule = chosen.table.groupby("rule_name").size()
+    out = pd.DataFrame({
+        "patched test images": [int(record["checked"][r]) for r in names],
+        "pass the filter": [int(record["passed"][r]) for r in names],
+        "explained": [int(per_rule.get(r, 0)) for r in names]}, index=names)
+    out.loc["All rules"] = out.sum()
+    return out
 
 
 def evaluation_samples(cfg: Config, model: nn.Module, n: int | None | str = "config") -> Samples:

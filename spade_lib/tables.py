@@ -33,10 +33,11 @@ from spade_lib import metrics
 
 __all__ = [
     "ALL_LAYERS", "OVERVIEW_COLUMNS", "PAPER_AUC_GAIN", "PAPER_L19", "PAPER_L19_SAMPLES",
-    "claim_verdict", "class_change", "difference_sentence", "full_evaluation_sentence",
-    "gain_sentence", "headline", "kept_samples", "layer_means", "merge_methods", "on_kept",
-    "overview", "prediction_kept", "range_verdict", "rule_table", "score_gap", "spread",
-    "standard_error", "summary", "table_b2", "table_l19", "variant_table", "wins",
+    "claim_verdict", "class_change", "cost_table", "difference_sentence",
+    "full_evaluation_sentence", "gain_sentence", "headline", "kept_samples", "layer_means",
+    "merge_methods", "on_kept", "overview", "prediction_kept", "range_verdict", "rule_table",
+    "score_gap", "spread", "standard_error", "summary", "table_b2", "table_l19", "variant_table",
+    "wins",
 ]
 
 
@@ -317,14 +318,17 @@ def on_kept(results: pd.DataFrame, variant: str = "spade") -> pd.DataFrame:
 
 
 def rule_table(results: pd.DataFrame, method: str, variant: str = "spade",
-               baseline: str = "dense", percent: bool = True) -> pd.DataFrame:
+               baseline: str = "dense", percent: bool = True,
+               rules: Sequence[str] | None = None) -> pd.DataFrame:
     """Table L.19: one method's AUC and Pointing Game per Trojan rule, baseline against variant.
 
     Each rule's row is :func:`summary`'s row for ``method`` on that rule's samples (the better
     aggregation's mean per side, delta +- standard error of the per-sample difference, counts).
     The ``Average`` row is the mean of the rule rows, as the paper's table averages its rules;
     its standard error combines theirs (``sqrt(sum se^2) / rules``, the rules' samples being
-    independent). A rule with no score on a side makes that side's average NaN.
+    independent). A rule without samples (say, none left where the pruned copy keeps the
+    prediction) or without a score on a side has NaN there, and so has the ``Average``: an
+    average over fewer rules is not the paper's.
 
     Parameters
     ----------
@@ -336,36 +340,47 @@ def rule_table(results: pd.DataFrame, method: str, variant: str = "spade",
         Variant names to compare.
     percent
         Scale scores by 100.
+    rules
+        The rule names to report, in order (e.g. ``[r.name for r in samples.poisoned.rules]``);
+        default: those in ``results``, in rule order.
 
     Returns
     -------
     pandas.DataFrame
-        Indexed by rule name (in rule order) plus ``Average``; the columns of :func:`summary`
-        for ``auc`` and ``pointing`` (without ``aggregation``), and ``n`` (samples).
+        Indexed by rule name plus ``Average``; the columns of :func:`summary` for ``auc`` and
+        ``pointing`` (without ``aggregation``), and ``n`` (samples).
 
     Raises
     ------
     ValueError
-        ``method`` is not in ``results``, or a variant is missing.
+        ``method`` is not in ``results``, a variant is missing, or ``results`` has a rule that
+        ``rules`` does not name.
     """
     methods = list(dict.fromkeys(results["method"]))
     if method not in methods:
         raise ValueError(f"method {method!r} is not in the results; they have {methods}")
     rows = results[results["method"] == method]
     _check_table(rows, [variant, baseline])
+    present = list(dict.fromkeys(rows.sort_values("rule", kind="stable")["rule_name"]))
+    names = present if rules is None else [str(r) for r in rules]
+    unknown = sorted(set(present) - set(names))
+    if unknown:
+        raise ValueError(f"the results have rules {unknown} that rules={list(names)} leaves out")
     keep = [f"{m}_{c}" for m in ("auc", "pointing")
             for c in (baseline, variant, "delta", "se", f"n_{baseline}", f"n_{variant}")]
-    parts, names = [], []
-    for rule in sorted(rows["rule"].unique()):
-        sub = rows[rows["rule"] == rule]
-        parts.append(summary(sub, variant, baseline, percent).loc[method, [*keep, "n"]])
-        names.append(str(sub["rule_name"].iloc[0]))
-    table = pd.DataFrame(parts, index=pd.Index(names, name=None))
+    counts = [c for c in (*keep, "n") if "_n_" in c or c == "n"]
+    parts = []
+    for name in names:
+        sub = rows[rows["rule_name"] == name]
+        if sub.empty:
+            parts.append(pd.Series({c: 0 if c in counts else math.nan for c in (*keep, "n")}))
+        else:
+            parts.append(summary(sub, variant, baseline, percent).loc[method, [*keep, "n"]])
+    table = pd.DataFrame(parts, index=pd.Index(names, name=None)).astype(float)
     average = table.mean(axis=0, skipna=False)
     for metric in ("auc", "pointing"):
         average[f"{metric}_se"] = float(np.sqrt((table[f"{metric}_se"] ** 2).sum(skipna=False))
                                         / len(table))
-    counts = [c for c in table.columns if "_n_" in c or c == "n"]
     average[counts] = table[counts].sum()
     table.loc["Average"] = average
     table[counts] = table[counts].astype(int)
@@ -373,6 +388,20 @@ def rule_table(results: pd.DataFrame, method: str, variant: str = "spade",
         f"{method}, {variant} vs {baseline} per Trojan rule{' in %' if percent else ''}; "
         "Average: mean of the rules (standard errors combined)")
     return table
+
+
+def cost_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean seconds per sample of each variant's trace and of each method's map (rows: variants,
+    columns: ``trace`` then the methods), from the ``trace_seconds`` and
+    ``attribution_seconds`` of a results table."""
+    maps = (results.groupby(["variant", "method"], sort=False)["attribution_seconds"].mean()
+            .unstack("method"))
+    maps = maps[list(dict.fromkeys(results["method"]))]
+    traces = (results.drop_duplicates(["sample", "variant"])
+              .groupby("variant", sort=False)["trace_seconds"].mean())
+    maps.insert(0, "trace", traces)
+    maps.index.name = None
+    return maps.loc[list(dict.fromkeys(results["variant"]))]
 
 
 PAPER_L19 = pd.DataFrame(
@@ -390,11 +419,12 @@ PAPER_L19_SAMPLES = 21121
 
 
 def table_l19(results: pd.DataFrame, method: str, variant: str = "spade",
-              baseline: str = "dense", label: str = "SPADE") -> pd.io.formats.style.Styler:
-    """Table L.19 as the book prints it: :func:`rule_table` of ``method`` with the columns of
-    :func:`table_b2` (Dense / ``label`` / delta / standard error for the AUC and the Pointing
-    Game, in %, one decimal) and the samples per rule."""
-    t = rule_table(results, method, variant, baseline)
+              baseline: str = "dense", label: str = "SPADE",
+              rules: Sequence[str] | None = None) -> pd.io.formats.style.Styler:
+    """Table L.19 as the book prints it: :func:`rule_table` of ``method`` (over ``rules``) with
+    the columns of :func:`table_b2` (Dense / ``label`` / delta / standard error for the AUC and
+    the Pointing Game, in %, one decimal) and the samples per rule."""
+    t = rule_table(results, method, variant, baseline, rules=rules)
     out = pd.DataFrame({
         ("AUC", "Dense"): t[f"auc_{baseline}"], ("AUC", label): t[f"auc_{variant}"],
         ("AUC", "delta"): t["auc_delta"], ("AUC", "+- se"): t["auc_se"],
@@ -411,11 +441,12 @@ def table_l19(results: pd.DataFrame, method: str, variant: str = "spade",
         "mean of the rules, as in the paper")
 
 
-def full_evaluation_sentence(results: pd.DataFrame, method: str, variant: str = "spade") -> str:
+def full_evaluation_sentence(results: pd.DataFrame, method: str, variant: str = "spade",
+                             rules: Sequence[str] | None = None) -> str:
     """The paper's claim for Table L.19 (SPADE raises the average AUC and Pointing Game over the
-    rules) set against ``method``'s :func:`rule_table`, with :func:`claim_verdict` at one
-    standard error for each score and for both together."""
-    table = rule_table(results, method, variant)
+    rules) set against ``method``'s :func:`rule_table` (over ``rules``), with
+    :func:`claim_verdict` at one standard error for each score and for both together."""
+    table = rule_table(results, method, variant, rules=rules)
     avg, rules = table.loc["Average"], table.drop("Average")
     paper = PAPER_L19.loc["Average"]
     verdicts = {m: claim_verdict(float(avg[f"{m}_delta"]), float(avg[f"{m}_se"]), 1.0)

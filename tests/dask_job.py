@@ -19,8 +19,8 @@ VARIANTS = {"dense": None, "spade": 0.9}
 
 
 def job(cache_dir: str) -> tuple[config.Config, torch.nn.Module, results.Samples]:
-    """The config (smoke, 8 views), a random ResNet-20 seeded 0, and twenty smoke samples."""
-    cfg = config.load("smoke", cache_dir=cache_dir, n_augmentations=8)
+    """The config (smoke, 8 views, on the CPU), a random ResNet-20 seeded 0, twenty samples."""
+    cfg = config.load("smoke", cache_dir=cache_dir, n_augmentations=8, device="cpu")
     torch.manual_seed(0)
     model = build_model("resnet20", 10, 8, 32).eval()
     model.fc.weight.data.mul_(30.0)

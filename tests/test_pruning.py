@@ -495,5 +495,6 @@ def test_obc_row_batches_fill_a_quarter_of_a_gpus_free_memory() -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     device = torch.device("cuda")
-    free, _ = torch.cuda.mem_get_info(device)
-    assert pruning.obc_batch_bytes(device) == max(2**31, free // 4)
+    free, total = torch.cuda.mem_get_info(device)
+    assert 2**28 <= pruning.obc_batch_bytes(device) <= max(2**28, total // 4)
+    assert pruning.obc_batch_bytes(device) >= free // 4

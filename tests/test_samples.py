@@ -144,4 +144,16 @@ def test_every_passing_sample_when_n_is_none(scenes) -> None:
     assert every.ids == np.flatnonzero(eligible).tolist()
     assert every.table.attrs["requested"] is None
     assert sum(every.table.attrs["checked"].values()) == len(poisoned)
-    assert set(sampling.select_samples(oracle, test, poisoned, 5, seed=0).ids) <= set(every.ids)
+    some = sampling.select_samples(oracle, test, poisoned, 5, seed=0)
+    assert set(some.ids) <= set(every.ids)
+    counts = sampling.filter_table(every, some)
+    names = [r.name for r in poisoned.rules]
+    assert list(counts.index) == [*names, "All rules"]
+    rule = poisoned.rule.numpy()
+    assert counts["patched test images"].tolist()[:-1] == [
+        int((rule == k).sum()) for k in range(len(names))]
+    assert counts["pass the filter"].tolist()[:-1] == [
+        int(eligible[rule == k].sum()) for k in range(len(names))]
+    assert counts.loc["All rules"].tolist() == [len(poisoned), len(every), 5]
+    with pytest.raises(ValueError, match="every sample that passes"):
+        sampling.filter_table(some)

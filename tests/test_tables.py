@@ -269,3 +269,26 @@ def test_table_l19_prints_the_rule_table() -> None:
     assert data[("Pointing Game", "+- se")].tolist() == numbers["pointing_se"].tolist()
     assert data[("", "samples")].tolist() == [3, 3, 6]
     assert "6 samples" in styled.caption
+
+
+def test_rule_table_over_named_rules_marks_a_rule_without_samples() -> None:
+    frame = _rules_frame()
+    names = ["star: T-shirt->Sandal", "fish: Any->Sneaker", "moon: Coat->Ankle boot"]
+    table = tables.rule_table(frame, "A", rules=names)
+    assert list(table.index) == [*names, "Average"]
+    assert math.isnan(table.loc["moon: Coat->Ankle boot", "auc_spade"])
+    assert table.loc["moon: Coat->Ankle boot", "n"] == 0
+    assert math.isnan(table.loc["Average", "auc_spade"])  # not an average over fewer rules
+    assert math.isnan(table.loc["Average", "auc_se"]) and table.loc["Average", "n"] == 6
+    with pytest.raises(ValueError, match="leaves out"):
+        tables.rule_table(frame, "A", rules=names[:1])
+
+
+def test_cost_table_gives_the_mean_seconds_of_traces_and_maps() -> None:
+    frame = _frame()
+    frame["trace_seconds"] = np.where(frame["variant"] == "spade", frame["sample"] + 1.0, 0.0)
+    frame["attribution_seconds"] = np.where(frame["method"] == "A", 0.5, 2.0)
+    cost = tables.cost_table(frame)
+    assert list(cost.index) == ["dense", "spade"] and list(cost.columns) == ["trace", "A", "B"]
+    assert cost.loc["spade", "trace"] == pytest.approx(2.0)  # samples 0, 1, 2: 1, 2, 3 s
+    assert cost.loc["dense", "trace"] == 0.0 and cost.loc["spade", "B"] == pytest.approx(2.0)
