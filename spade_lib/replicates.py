@@ -29,7 +29,7 @@ from spade_lib import tables
 from spade_lib.config import PARAMS_DIR, Config
 
 __all__ = ["COLUMNS", "VARIANTS", "average_row", "load", "record_path", "replicate_row",
-           "seed_sentence", "seed_table", "size_table", "store_row"]
+           "seed_sentence", "seed_table", "size_sentence", "size_table", "store_row"]
 
 VARIANTS = ("spade", "spade-linear")
 """The SPADE variants a replicate explains besides dense: the preset's schedule and the linear
@@ -200,6 +200,31 @@ def size_table(record: pd.DataFrame | None, this: Mapping[str, Any]) -> pd.DataF
                        & (record["image_size"] != this["image_size"])]
     sizes_px = [this["image_size"], *([] if sizes is None else sizes["image_size"])]
     return _side_by_side(sizes, this, [f"{int(s)} px" for s in sizes_px])
+
+
+def size_sentence(table: pd.DataFrame) -> str:
+    """Whether SPADE's average AUC gain grows with the image size, from a :func:`size_table`.
+
+    For each size after the first (this build's), the gain minus this build's gain, with the
+    standard error of that difference (the two models' samples are independent, so the squared
+    errors add), judged by :func:`spade_lib.tables.claim_verdict` (claim: larger), for the
+    preset's schedule and for the linear one. With one size only, says that none is recorded.
+    """
+    if len(table) < 2:
+        return "No replicate at another image size is recorded."
+    base = table.iloc[0]
+    parts = []
+    for label, delta, se in (("the preset's schedule", "AUC delta", "+- se"),
+                             ("the linear schedule", "linear: AUC delta", "linear: +- se")):
+        for size, row in table.iloc[1:].iterrows():
+            diff = float(row[delta] - base[delta])
+            err = math.hypot(float(row[se]), float(base[se]))
+            verdict = tables.claim_verdict(diff, err, +1.0)
+            parts.append(f"with {label}, {row[delta]:+.1f} +- {row[se]:.1f} at {size} against "
+                         f"{base[delta]:+.1f} +- {base[se]:.1f} at {table.index[0]}, a change of "
+                         f"{diff:+.1f} +- {err:.1f} (the gain grows: {verdict})")
+    return ("SPADE's average AUC gain by image size: " + "; ".join(parts) + ". The preset's "
+            f"schedule was searched at {table.index[0]}, so at another size it is not tuned.")
 
 
 def seed_sentence(table: pd.DataFrame, preset: str) -> str:

@@ -121,3 +121,16 @@ def test_size_table_has_one_row_per_image_size_of_the_same_setup() -> None:
     assert table.loc["64 px", "AUC delta"] == pytest.approx((3 * 40 - 20) / 4)
     assert replicates.label({"seed": 4, "image_size": 48}) == "image_size=48, seed=4"
     assert replicates.setup_digest(config.load("smoke", seed=5), "seed") == this["setup_seed"]
+
+
+def test_size_sentence_judges_the_change_of_the_gain() -> None:
+    this, record = _record()
+    table = replicates.size_table(record, this)
+    text = replicates.size_sentence(table)
+    base, other = table.iloc[0], table.loc["64 px"]
+    diff = other["AUC delta"] - base["AUC delta"]
+    err = math.hypot(other["+- se"], base["+- se"])
+    assert f"a change of {diff:+.1f} +- {err:.1f}" in text
+    assert f"(the gain grows: {tables.claim_verdict(diff, err, 1.0)})" in text
+    assert text.count("the gain grows:") == 2  # the preset's schedule and the linear one
+    assert replicates.size_sentence(table.iloc[:1]).startswith("No replicate")
