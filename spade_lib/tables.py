@@ -425,15 +425,8 @@ def table_l19(results: pd.DataFrame, method: str, variant: str = "spade",
     the columns of :func:`table_b2` (Dense / ``label`` / delta / standard error for the AUC and
     the Pointing Game, in %, one decimal) and the samples per rule."""
     t = rule_table(results, method, variant, baseline, rules=rules)
-    out = pd.DataFrame({
-        ("AUC", "Dense"): t[f"auc_{baseline}"], ("AUC", label): t[f"auc_{variant}"],
-        ("AUC", "delta"): t["auc_delta"], ("AUC", "+- se"): t["auc_se"],
-        ("Pointing Game", "Dense"): t[f"pointing_{baseline}"],
-        ("Pointing Game", label): t[f"pointing_{variant}"],
-        ("Pointing Game", "delta"): t["pointing_delta"],
-        ("Pointing Game", "+- se"): t["pointing_se"],
-        ("", "samples"): t["n"],
-    })
+    out = _book_layout(t, variant, baseline, label)
+    out[("", "samples")] = t["n"]
     numbers = [c for c in out.columns if c[0]]
     return out.style.format("{:.1f}", subset=numbers).set_caption(
         f"{method}: {int(t['n'].iloc[-1])} samples; per rule the better of the two channel "
@@ -492,6 +485,18 @@ def class_change(source: int, target: int, classes: Sequence[str] | None = None)
     return f"{classes[int(source)]} -> {classes[int(target)]}"
 
 
+def _book_layout(table: pd.DataFrame, variant: str, baseline: str, label: str) -> pd.DataFrame:
+    """Dense / ``label`` / delta / +- se for the AUC and the Pointing Game, two-level columns,
+    from a :func:`summary`-shaped table (also :func:`rule_table`)."""
+    out = pd.DataFrame({
+        (name, head): table[f"{metric}_{column}"]
+        for name, metric in (("AUC", "auc"), ("Pointing Game", "pointing"))
+        for head, column in (("Dense", baseline), (label, variant), ("delta", "delta"),
+                             ("+- se", "se"))})
+    out.index.name = None
+    return out
+
+
 def table_b2(results: pd.DataFrame, variant: str = "spade", baseline: str = "dense",
              label: str = "SPADE") -> pd.io.formats.style.Styler:
     """Table B.2 as the book prints it: per method, Dense / ``label`` / delta / standard error
@@ -501,14 +506,7 @@ def table_b2(results: pd.DataFrame, variant: str = "spade", baseline: str = "den
     numbers and its caption the sample count.
     """
     s = summary(results, variant, baseline)
-    out = pd.DataFrame({
-        ("AUC", "Dense"): s[f"auc_{baseline}"], ("AUC", label): s[f"auc_{variant}"],
-        ("AUC", "delta"): s["auc_delta"], ("AUC", "+- se"): s["auc_se"],
-        ("Pointing Game", "Dense"): s[f"pointing_{baseline}"],
-        ("Pointing Game", label): s[f"pointing_{variant}"],
-        ("Pointing Game", "delta"): s["pointing_delta"],
-        ("Pointing Game", "+- se"): s["pointing_se"],
-    })
+    out = _book_layout(s, variant, baseline, label)
     out.index.name = None
     return out.style.format("{:.1f}").set_caption(
         f"{s['n'].iloc[-1]} samples; each number is the better of the two channel aggregations' "
