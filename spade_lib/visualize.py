@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -48,32 +49,37 @@ class Visualization:
     Attributes
     ----------
     image
-        The visualization, ``[1, 3, H, W]`` in ``[0, 1]``, on the model's device.
+        The visualization, ``[1, 3, H, W]`` in ``[0, 1]`` (``[B, 3, H, W]`` for ``B`` neurons),
+        on the model's device.
     objective
-        The neuron's activation at every step (on the transformed image), ``[steps]``.
+        The neuron's activation at every step (on the transformed image), ``[steps]`` (``[steps,
+        B]``).
     final
-        The neuron's activation on ``image`` itself (no transform).
+        The neuron's activation on ``image`` itself (no transform); a list for ``B`` neurons.
     """
 
     image: Tensor
     objective: Tensor
-    final: float
+    final: float | list[float]
 
 
 def fft_image(size: int, generator: torch.Generator, sd: float = 0.01,
-              decay_power: float = 1.0, device: str | torch.device = "cpu"
+              decay_power: float = 1.0, device: str | torch.device = "cpu", batch: int = 1
               ) -> tuple[Tensor, Callable[[], Tensor]]:
-    """Lucent's Fourier parameterization of one ``3 x size x size`` image.
+    """Lucent's Fourier parameterization of ``batch`` images of ``3 x size x size``.
 
-    Returns the learnable coefficients ``[1, 3, size, size // 2 + 1, 2]`` (drawn with ``sd``
-    from ``generator``) and a function that maps them to the unconstrained image ``[1, 3, size,
-    size]`` (each frequency scaled by ``1 / max(f, 1 / size) ** decay_power``, as lucent).
+    Returns the learnable coefficients ``[batch, 3, size, size // 2 + 1, 2]`` (drawn with ``sd``
+    from ``generator``, one image after the other, so image ``i`` of a batch starts where a
+    batch of one drawn after the first ``i`` would) and a function that maps them to the
+    unconstrained images ``[batch, 3, size, size]`` (each frequency scaled by
+    ``1 / max(f, 1 / size) ** decay_power``, as lucent).
     """
     fy = torch.fft.fftfreq(size)[:, None]
     fx = torch.fft.rfftfreq(size)[None, :]
     freqs = torch.sqrt(fx**2 + fy**2)
     scale = (1.0 / torch.clamp(freqs, min=1.0 / size) ** decay_power).to(device)
-    spectrum = (torch.randn(1, 3, size, size // 2 + 1, 2, generator=generator) * sd).to(device)
+    spectrum = torch.cat([torch.randn(1, 3, size, size // 2 + 1, 2, generator=generator) * sd
+                          for _ in range(batch)]).to(device)
     spectrum.requires_grad_(True)
 
     def image() -> Tensor:
@@ -92,7 +98,8 @@ def to_rgb(raw: Tensor) -> Tensor:
 
 
 def transform(image: Tensor, generator: torch.Generator) -> Tensor:
-    """Lucent's ``standard_transforms`` for ``image`` ``[1, 3, S, S]``: pad 12 with grey,
+    """Lucent's ``standard_transforms`` for ``image`` ``[B, 3, S, S]`` (the same draw for every
+    image of the batch): pad 12 with grey,
     jitter 8, random scale, random rotation, jitter 4 (pixels at 224 px, scaled by ``S / 224``,
     at least 1)."""
     size = image.shape[-1]
@@ -112,7 +119,7 @@ def transform(image: Tensor, generator: torch.Generator) -> Tensor:
     angles = [*range(-10, 11), *[0] * 5]
     a = math.radians(angles[int(torch.randint(0, len(angles), (1,), generator=generator))])
     theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]],
-                         dtype=x.dtype, device=x.device)[None]
+                         dtype=x.dtype, device=x.device)[None].expand(x.shape[0], -1, -1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, align_corners=False, padding_mode="border")
     return jitter(x, px(4))
@@ -138,7 +145,7 @@ def _activation(model: nn.Module, layer: str | None) -> Iterator[dict[str, Tenso
         handle.remove()
 
 
-def visualize_neuron(model: nn.Module, neuron: int, *, image_size: int,
+def visualize_neuron(model: nn.Module, neuron: int | Sequence[int], *, image_size: int,
                      layer: str | None = None, steps: int = 512, lr: float = 0.05,
                      seed: int = 0, transforms: bool = True,
                      normalize: Callable[[Tensor], Tensor] | None = None,
@@ -152,7 +159,10 @@ def visualize_neuron(model: nn.Module, neuron: int, *, image_size: int,
         restored, its parameters' ``requires_grad`` too).
     neuron
         With ``layer=None``: the output logit (class neuron) to maximize; else the channel of
-        ``layer``'s output whose mean activation is maximized.
+        ``layer``'s output whose mean activation is maximized. A sequence of neurons optimizes
+        one image per neuron in one batch (the images do not interact: the model runs in eval
+        mode; they share the random transforms of each step). Its first image is the one a
+        single neuron would give, up to the rounding of batched kernels.
     image_size
         Side of the square image in pixels (the model's input size).
     layer
@@ -160,7 +170,7 @@ def visualize_neuron(model: nn.Module, neuron: int, *, image_size: int,
     steps, lr
         Adam steps and learning rate (lucent: 512 and 0.05).
     seed
-        Seeds the initial spectrum and the transforms.
+        Seeds the initial spectrum and the transforms (two independent streams of it).
     transforms
         Apply lucent's standard transforms at each step.
     normalize
@@ -171,6 +181,8 @@ def visualize_neuron(model: nn.Module, neuron: int, *, image_size: int,
     Returns
     -------
     Visualization
+        For a sequence of ``B`` neurons: ``image`` ``[B, 3, H, W]``, ``objective``
+        ``[steps, B]`` and ``final`` a list of ``B`` floats.
 
     Raises
     ------
@@ -184,16 +196,27 @@ def visualize_neuron(model: nn.Module, neuron: int, *, image_size: int,
     image_size = check_positive_int(image_size, "image_size")
     if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if isinstance(neuron, bool) or not isinstance(neuron, int) or neuron < 0:
-        raise ValueError(f"neuron must be an int >= 0, got {neuron!r}")
+    single = not isinstance(neuron, Sequence)
+    neurons = [neuron] if single else list(neuron)
+    if not neurons or any(isinstance(n, bool) or not isinstance(n, int) or n < 0
+                          for n in neurons):
+        raise ValueError(f"neuron must be an int >= 0 or a non-empty sequence of them, got "
+                         f"{neuron!r}")
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(int(seed))
-    spectrum, raw = fft_image(image_size, generator, device=device)
+    # the start and the transforms draw from two streams of the seed, so that a batch of
+    # neurons sees the same transforms as one neuron does
+    start_seed, transform_seed = (int(s.generate_state(1)[0])
+                                  for s in np.random.SeedSequence(int(seed)).spawn(2))
+    spectrum, raw = fft_image(image_size, torch.Generator().manual_seed(start_seed),
+                              device=device, batch=len(neurons))
+    generator = torch.Generator().manual_seed(transform_seed)
+    index = torch.arange(len(neurons), device=device)
+    chosen = torch.tensor(neurons, device=device)
     optimizer = torch.optim.Adam([spectrum], lr=lr)
     prepare = normalize or (lambda x: x)
     modes = {m: m.training for m in model.modules()}
     grads = {p: p.requires_grad for p in model.parameters()}
-    trace = torch.empty(steps)
+    trace = torch.empty(steps, len(neurons))
     try:
         model.eval()
         for p in model.parameters():
@@ -203,25 +226,27 @@ def visualize_neuron(model: nn.Module, neuron: int, *, image_size: int,
             def objective(image: Tensor) -> Tensor:
                 out = model(prepare(image))
                 act = out if layer is None else store["out"]
-                if neuron >= act.shape[1]:
+                if max(neurons) >= act.shape[1]:
                     where = "the output" if layer is None else f"layer {layer!r}"
-                    raise ValueError(f"neuron {neuron} is outside {where}, which has "
+                    raise ValueError(f"neuron {max(neurons)} is outside {where}, which has "
                                      f"{act.shape[1]} (0 to {act.shape[1] - 1})")
-                return act[:, neuron].reshape(act.shape[0], -1).mean()
+                return act[index, chosen].reshape(len(neurons), -1).mean(1)
 
             for step in tqdm(range(steps), desc="visualize", disable=not progress):
                 optimizer.zero_grad(set_to_none=True)
                 image = to_rgb(raw())
                 value = objective(transform(image, generator) if transforms else image)
-                (-value).backward()
+                (-value.sum()).backward()
                 optimizer.step()
                 trace[step] = value.detach()
             with torch.no_grad():
                 final_image = to_rgb(raw())
-                final = float(objective(final_image))
+                final = objective(final_image).tolist()
     finally:
         for m, flag in modes.items():
             m.train(flag)
         for p, flag in grads.items():
             p.requires_grad_(flag)
+    if single:
+        return Visualization(final_image.detach(), trace[:, 0], final[0])
     return Visualization(final_image.detach(), trace, final)
