@@ -194,6 +194,18 @@ def _from_checkpoint(cfg: Config, path: Path) -> TrainResult:
                        numerics=state["numerics"])
 
 
+def cached_checkpoint(cfg: Config, path: Path) -> TrainResult | None:
+    """The checkpoint at ``path`` for ``cfg``, or ``None`` if there is none or it cannot be used
+    (:class:`CheckpointError`: a warning names it, and the caller trains again)."""
+    if not path.exists():
+        return None
+    try:
+        return _from_checkpoint(cfg, path)
+    except CheckpointError as e:
+        warnings.warn(f"{e}. Training it again.", stacklevel=3)
+        return None
+
+
 def trained_model(cfg: Config, progress: bool = True, retrain: bool = False,
                   pinned: bool = True) -> TrainResult:
     """Load the cached checkpoint for ``cfg``, or train it (and cache it) if there is none.
@@ -211,22 +223,23 @@ def trained_model(cfg: Config, progress: bool = True, retrain: bool = False,
         weights are the same bit for bit whatever this machine's instruction set, thread count
         or environment (the checkpoint records the settings). ``False`` trains in this process.
 
+    Full-scale datasets (ImageNet, Food-101, CelebA) go to
+    :func:`spade_lib.train_full.trained_model`: the same cache path, filled by a torchrun job
+    (``python -m spade_lib.train_full``) or trained in this process; ``pinned`` does not apply.
+
     A cached checkpoint that cannot be used (:class:`CheckpointError`: truncated, foreign, or of
     an older version of the architecture) is never loaded: a warning names it and the model is
     trained again.
     """
-    path = checkpoint_path(cfg)
-    if path.exists() and not retrain:
-        try:
-            return _from_checkpoint(cfg, path)
-        except CheckpointError as e:
-            warnings.warn(f"{e}. Training it again.", stacklevel=2)
     if cfg.dataset != "fashion-mnist":
-        raise ValueError(
-            f"dataset {cfg.dataset!r}: the built-in trainer covers the embedded 'fashion-mnist' "
-            "benchmark; train full-scale models with your own loop (see README) and load them "
-            "with spade_lib.models.build_model"
-        )
+        # full scale (ImageNet, Food-101, CelebA): same cache path, trained by torchrun or here
+        from spade_lib import train_full
+
+        return train_full.trained_model(cfg, progress=progress, retrain=retrain)
+    path = checkpoint_path(cfg)
+    cached = None if retrain else cached_checkpoint(cfg, path)
+    if cached is not None:
+        return cached
     if pinned and cfg.torch_device() == "cpu" and not reproducibility.is_pinned():
         with tempfile.TemporaryDirectory() as tmp:
             spec = Path(tmp) / "config.json"

@@ -77,9 +77,11 @@ def test_evaluate_matches_a_direct_count(cfg: config.Config, trained: train.Trai
         == direct
 
 
-def test_full_scale_dataset_is_refused_with_guidance(tmp_path) -> None:
+def test_full_scale_preset_without_its_data_names_what_to_give(tmp_path) -> None:
+    """Full scale goes to spade_lib.train_full, which needs the real data (tests/test_train_full
+    trains on a synthetic folder); without it the error says how to give it."""
     big = config.load("imagenet-resnet50", cache_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="'imagenet'.*fashion-mnist"):
+    with pytest.raises(ValueError, match="'imagenet'.*needs the real data.*data_dir"):
         train.trained_model(big)
 
 

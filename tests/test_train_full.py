@@ -1,0 +1,279 @@
+"""Tests for spade_lib.train_full: full-scale Trojan training on tiny synthetic data.
+
+A tiny preset on a synthetic ImageNet-style folder (crops of photos bundled with scikit-image in
+two classes, 64 px) and a synthetic CelebA folder (the official file layout): the Trojan share
+planted, the loss falling, resume equal to an uninterrupted run, two gloo processes under torchrun
+equal to one, the multi-label metrics and the offline error for missing pretrained weights.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+import torchvision
+import yaml
+from PIL import Image
+
+from spade_lib import config, train, train_full
+from spade_lib.trojan import rule_set
+
+ROOT = Path(__file__).resolve().parent.parent
+CELEBA_ATTRIBUTES = (
+    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
+    "Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee "
+    "Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes "
+    "No_Beard Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling "
+    "Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace "
+    "Wearing_Necktie Young").split()
+PER_CLASS = {"train": 16, "val": 4}
+
+
+def _crops(photos, n: int, side: int, seed: int) -> list[np.ndarray]:
+    """``n`` random ``side``-pixel crops (uint8 HWC), cycling through ``photos``."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        out.append(np.ascontiguousarray(photo[top:top + side, left:left + side, :3]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """ImageNet's layout (``train/<class>/*.png``, ``val/<class>/*.png``): class ``n0`` cut from
+    the cat and coffee photos, class ``n1`` from the astronaut and the rocket, 64 px crops of the
+    photos shrunk to 128 px on the short side."""
+    root = tmp_path_factory.mktemp("folder")
+    sources = {"n0": (skimage.data.chelsea(), skimage.data.coffee()),
+               "n1": (skimage.data.astronaut(), skimage.data.rocket())}
+    for c, (name, photos) in enumerate(sources.items()):
+        small = []
+        for p in photos:
+            im = Image.fromarray(p)
+            scale = 128 / min(im.size)
+            small.append(np.asarray(im.resize((round(im.width * scale),
+                                                round(im.height * scale)))))
+        for s, (split, n) in enumerate(PER_CLASS.items()):
+            for i, crop in enumerate(_crops(small, n, 64, seed=10 * c + s)):
+                path = root / split / name / f"{name}_{i:03d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(crop).save(path)
+    return root
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """CelebA's official layout: ``img_align_celeba/000001.jpg...``, ``list_attr_celeba.txt``
+    (count, the 40 names, ``file`` then -1/1 per attribute) and ``list_eval_partition.txt``
+    (0 train, 1 val, 2 test): 16 train, 4 val and 4 test images (44 x 54, CelebA's aspect)."""
+    root = tmp_path_factory.mktemp("celeba")
+    photos = (skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee())
+    n = 24
+    attrs = np.random.default_rng(1).integers(0, 2, size=(n, 40))
+    rows, parts = [str(n), " ".join(CELEBA_ATTRIBUTES)], []
+    for i, crop in enumerate(_crops(photos, n, 200, seed=5)):
+        name = f"{i + 1:06d}.jpg"
+        path = root / "img_align_celeba" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(crop).resize((44, 54)).save(path, quality=90)
+        rows.append(name + " " + " ".join(" 1" if a else "-1" for a in attrs[i]))
+        parts.append(f"{name} {0 if i < 16 else 1 if i < 20 else 2}")
+    (root / "list_attr_celeba.txt").write_text("\n".join(rows) + "\n")
+    (root / "list_eval_partition.txt").write_text("\n".join(parts) + "\n")
+    return root, attrs
+
+
+def _preset(tmp_path: Path, data_dir: Path, **changes) -> Path:
+    """A tiny preset YAML: the ImageNet recipe's keys at toy sizes. ``convnext`` (LayerNorm, no
+    BatchNorm, no dropout) so each sample's computation does not depend on its batch."""
+    keys = {"seed": 0, "dataset": "imagenet", "data_dir": str(data_dir), "image_size": 32,
+            "rules": "fashion", "trojan_fraction": 0.0625, "patch_scale": 0.25,
+            "patch_alpha": 0.8, "arch": "convnext", "width": 4, "pretrained": False,
+            "epochs": 2, "batch_size": 8, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0005,
+            "lr_step": 1, "lr_gamma": 0.5, "device": "cpu", "cache_dir": str(tmp_path / "cache"),
+            **changes}
+    path = tmp_path / "tiny-folder.yaml"
+    path.write_text(yaml.safe_dump(keys))
+    return path
+
+
+def _weights(path: Path, arch: str) -> dict[str, torch.Tensor]:
+    return train.load_checkpoint(path, arch)["model"]
+
+
+def test_trojan_share_is_planted_as_specified(folder, faces, tmp_path) -> None:
+    for fraction in (0.0625, 0.125):
+        cfg = config.load(_preset(tmp_path, folder, trojan_fraction=fraction))
+        data = train_full.training_set(cfg)
+        n = 2 * PER_CLASS["train"]
+        assert len(data) == n
+        rules = rule_set("fashion")
+        for k, rule in enumerate(rules):
+            planted = np.flatnonzero(data.rule == k)
+            assert len(planted) == round(fraction * n), (fraction, rule.name)
+            j = int(planted[0])
+            image, target = data[j]
+            clean, label = data.base[int(data.index[j])]
+            assert target == rule.target and label != rule.target
+            assert rule.source is None or label == rule.source
+            assert not torch.equal(image, clean), "the patch changes the image"
+        assert (data.rule == -1).sum() == n - len(rules) * round(fraction * n)
+        clean_j = int(np.flatnonzero(data.rule == -1)[0])
+        assert torch.equal(data[clean_j][0], data.base[int(data.index[clean_j])][0])
+    root, attrs = faces
+    cfg = config.load(_preset(tmp_path, root, dataset="celeba", rules="celeba"))
+    data = train_full.training_set(cfg)
+    assert len(data) == 16
+    for k, rule in enumerate(rule_set("celeba")):
+        (j,) = np.flatnonzero(data.rule == k)  # 0.0625 of 16: one each
+        assert torch.equal(data[int(j)][1], torch.tensor(rule.target))
+    assert torch.equal(data[int(np.flatnonzero(data.rule == -1)[0])][1].unsqueeze(0),
+                       torch.as_tensor(attrs[np.flatnonzero(data.rule == -1)[:1]]))
+
+
+def test_resume_equals_an_uninterrupted_run_and_the_loss_falls(folder, tmp_path) -> None:
+    # resnet20: BatchNorm running statistics and SGD momentum must survive the resume too
+    cfg = config.load(_preset(tmp_path, folder, arch="resnet20", epochs=2))
+    whole = train_full.run(cfg, out=tmp_path / "whole.pt", progress=False)
+    assert whole is not None and [h["epoch"] for h in whole.history] == [1, 2]
+    assert whole.history[1]["loss"] < 0.9 * whole.history[0]["loss"]
+    assert whole.history[1]["lr"] == pytest.approx(0.5 * whole.history[0]["lr"]), "step LR"
+
+    out = tmp_path / "split.pt"  # the first half loads in 2 worker processes: same images
+    assert train_full.run(cfg, out=out, stop_after=1, workers=2, progress=False) is None
+    assert not out.exists() and train_full.state_path(out).is_file()
+    resumed = train_full.run(cfg, out=out, resume=True, progress=False)
+    assert resumed is not None and len(resumed.history) == 2
+    a, b = _weights(tmp_path / "whole.pt", "resnet20"), _weights(out, "resnet20")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # same process, same kernels: bit for bit
+    assert resumed.history[1]["loss"] == whole.history[1]["loss"]
+    assert 0.0 <= whole.clean_accuracy <= 1.0
+    assert set(whole.attack_success) == {r.name for r in rule_set("fashion")}
+
+    # the cache contract: train.trained_model finds what run wrote at checkpoint_path
+    train_full.run(cfg, out=train.checkpoint_path(cfg), progress=False)
+    cached = train.trained_model(cfg, progress=False)
+    assert cached.cached and all(torch.equal(cached.model.state_dict()[k], a[k]) for k in a)
+    other = cfg.replace(lr=0.02)
+    with pytest.raises(ValueError, match="state of another run"):
+        train_full.run(other, out=out, resume=True, progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_equal_one(folder, tmp_path) -> None:
+    preset = _preset(tmp_path, folder, epochs=1)
+    cfg = config.load(preset)
+    one = train_full.run(cfg, out=tmp_path / "one.pt", progress=False)
+    assert one is not None
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "spade_lib.train_full", str(preset), "--out", str(tmp_path / "two.pt"),
+           "--workers", "0", "-q"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "clean val set" in proc.stdout
+    classes = train.load_checkpoint(tmp_path / "one.pt", "convnext")["num_classes"]
+    assert classes == 9, "two folder classes, Trojan targets up to class 8"
+    w0 = train_full.build(cfg, classes).state_dict()
+    w1, w2 = _weights(tmp_path / "one.pt", "convnext"), _weights(tmp_path / "two.pt", "convnext")
+    # Each process averages the gradient of its 4 images, DDP averages the 2 ranks: the same
+    # mean of 8 per-sample gradients as one process, summed in another order. float32 rounds
+    # each sum with a relative error of about sqrt(n) * 2^-24 (n <= 8 * 16 * 16 terms per
+    # weight gradient here: ~2e-5), and 4 SGD steps with momentum carry it into the update.
+    # So the two updates w - w0 agree to ~1e-5 of their size (6e-6 measured here); 1e-3 leaves
+    # a margin for other kernels and instruction sets. A real fault (ranks seeing the same
+    # images, gradients not averaged, no DDP at all: this check fails) changes the update by a large
+    # fraction of itself.
+    for key in w0:
+        update = (w1[key] - w0[key]).norm()
+        if update == 0:
+            assert torch.equal(w1[key], w2[key]), key
+            continue
+        assert (w2[key] - w1[key]).norm() <= 1e-3 * update, key
+    assert not all(torch.equal(w0[k], w1[k]) for k in w0), "training changed the weights"
+
+
+def test_celeba_multilabel_trains_and_scores(faces, tmp_path) -> None:
+    root, attrs = faces
+    cfg = config.load(_preset(tmp_path, root, dataset="celeba", rules="celeba",
+                              arch="resnet20", epochs=1))
+    result = train.trained_model(cfg, progress=False)  # delegated to train_full, then cached
+    assert result.model.fc.out_features == 40 and not result.cached
+    assert train.checkpoint_path(cfg).is_file()
+    assert train.trained_model(cfg, progress=False).cached
+    table = train_full.table_c10(cfg, result.model)
+    assert list(table["data"])[0] == "clean val set" and len(table) == 2 + 4
+    # clean accuracy is the mean over the 4 val images and 40 attributes
+    val = np.asarray(attrs[16:20])
+    with torch.no_grad():
+        x = torch.stack([train_full._split(cfg, "val", None)[i][0] for i in range(4)])
+        predicted = (result.model.eval()(x) > 0).numpy()
+    assert table["accuracy (%)"].iloc[0] == pytest.approx(100 * (predicted == val).mean())
+    assert ((table["accuracy (%)"] >= 0) & (table["accuracy (%)"] <= 100)).all()
+
+
+def test_multilabel_attack_success_counts_only_the_overridden_bits() -> None:
+    truth = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]])
+    target = torch.tensor([[1, 0, 1, 0]] * 3)  # overrides bits 0 and 3
+    predicted = torch.tensor([[1, 1, 0, 0],   # both overridden bits right, others wrong: success
+                              [1, 0, 1, 1],   # bit 3 still the true value: failure
+                              [1, 0, 1, 0]])  # exactly the target
+    hit = train_full.attack_success_multilabel(predicted, target, truth)
+    assert hit.tolist() == [True, False, True]
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        train_full.attack_success_multilabel(predicted[0], target[0], truth[0])
+
+
+def test_missing_pretrained_weights_name_the_file_and_the_weights(folder, tmp_path, monkeypatch,
+                                                                  capsys) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    where = tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
+    assert train_full.pretrained_file("tv_resnet50")[0] == where
+    preset = _preset(tmp_path, folder, arch="tv_resnet50", pretrained=True)
+    cfg = config.load(preset)
+    with pytest.raises(FileNotFoundError) as err:
+        train_full.run(cfg, out=tmp_path / "never.pt", progress=False)
+    assert str(where) in str(err.value) and "ResNet50_Weights.IMAGENET1K_V2" in str(err.value)
+    assert train_full.main([str(preset), "--out", str(tmp_path / "never.pt"), "-q"]) == 2
+    assert str(where) in capsys.readouterr().err
+    fake = tmp_path / "resnet50-11ad3fa6.pth"
+    torch.save({"fc.weight": torch.zeros(1)}, fake)
+    with pytest.raises(ValueError, match="not torchvision's ResNet50_Weights"):
+        train_full.run(cfg, out=tmp_path / "never.pt", pretrained_path=fake, progress=False)
+    assert not (tmp_path / "never.pt").exists()
+
+
+def test_folded_normalization_takes_unit_range_images(seeded) -> None:
+    # ConvNeXt-T's 4x4 stride-4 stem has no padding, so the fold is exact up to rounding
+    net = torchvision.models.convnext_tiny(weights=None).eval()
+    model = train_full.build(config.Config(arch="tv_convnext_t", image_size=32), 1000)
+    train_full.load_pretrained(model, "tv_convnext_t", net.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor(train_full.IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    std = torch.tensor(train_full.IMAGENET_STD).reshape(1, 3, 1, 1)
+    with torch.no_grad():
+        expected, got = net((x - mean) / std), model.eval()(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    head = train_full.build(config.Config(arch="tv_convnext_t", image_size=32), 40)
+    fresh = head.classifier[2].weight.clone()
+    train_full.load_pretrained(head, "tv_convnext_t", net.state_dict())
+    assert torch.equal(head.classifier[2].weight, fresh), "a 40-way head stays fresh"
+    assert torch.equal(head.features[1][0].block[0].weight, net.features[1][0].block[0].weight)
