@@ -353,14 +353,17 @@ def rule_table(results: pd.DataFrame, method: str, variant: str = "spade",
     Raises
     ------
     ValueError
-        ``method`` is not in ``results``, a variant is missing, or ``results`` has a rule that
-        ``rules`` does not name.
+        ``method`` is not in a non-empty ``results``, a variant is missing, or ``results`` has a
+        rule that ``rules`` does not name. An empty ``results`` (with the table's columns) gives
+        every rule of ``rules`` NaN scores and 0 samples.
     """
+    _check_table(results, [])
     methods = list(dict.fromkeys(results["method"]))
-    if method not in methods:
-        raise ValueError(f"method {method!r} is not in the results; they have {methods}")
+    if not results.empty:  # an empty table (no samples at all, say none kept): all rules NaN
+        if method not in methods:
+            raise ValueError(f"method {method!r} is not in the results; they have {methods}")
+        _check_table(results[results["method"] == method], [variant, baseline])
     rows = results[results["method"] == method]
-    _check_table(rows, [variant, baseline])
     present = list(dict.fromkeys(rows.sort_values("rule", kind="stable")["rule_name"]))
     names = present if rules is None else [str(r) for r in rules]
     unknown = sorted(set(present) - set(names))
@@ -376,11 +379,13 @@ def rule_table(results: pd.DataFrame, method: str, variant: str = "spade",
             parts.append(pd.Series({c: 0 if c in counts else math.nan for c in (*keep, "n")}))
         else:
             parts.append(summary(sub, variant, baseline, percent).loc[method, [*keep, "n"]])
-    table = pd.DataFrame(parts, index=pd.Index(names, name=None)).astype(float)
+    table = pd.DataFrame(parts, index=pd.Index(names, name=None),
+                         columns=[*keep, "n"]).astype(float)
     average = table.mean(axis=0, skipna=False)
     for metric in ("auc", "pointing"):
-        average[f"{metric}_se"] = float(np.sqrt((table[f"{metric}_se"] ** 2).sum(skipna=False))
-                                        / len(table))
+        average[f"{metric}_se"] = (
+            float(np.sqrt((table[f"{metric}_se"] ** 2).sum(skipna=False))) / len(table)
+            if len(table) else math.nan)
     average[counts] = table[counts].sum()
     table.loc["Average"] = average
     table[counts] = table[counts].astype(int)

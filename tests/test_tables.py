@@ -284,6 +284,24 @@ def test_rule_table_over_named_rules_marks_a_rule_without_samples() -> None:
         tables.rule_table(frame, "A", rules=names[:1])
 
 
+def test_rule_table_without_any_sample_is_nan_with_zero_counts() -> None:
+    """None kept (the pruned copy loses every Trojan prediction): the table still names each
+    rule, with NaN scores and 0 samples, and the sentence calls the claim not comparable."""
+    frame = _rules_frame()
+    names = ["star: T-shirt->Sandal", "fish: Any->Sneaker"]
+    empty = frame[frame["sample"] < 0]
+    table = tables.rule_table(empty, "A", rules=names)
+    assert list(table.index) == [*names, "Average"]
+    counts = [c for c in table.columns if c == "n" or "_n_" in c]
+    assert table.drop(columns=counts).isna().all(axis=None)
+    assert (table[counts] == 0).all(axis=None) and table["n"].dtype.kind == "i"
+    assert tables.table_l19(empty, "A", rules=names).data[("", "samples")].tolist() == [0, 0, 0]
+    assert "not comparable" in tables.full_evaluation_sentence(empty, "A", rules=names)
+    assert list(tables.rule_table(empty, "A").index) == ["Average"]
+    with pytest.raises(ValueError, match="lack columns"):
+        tables.rule_table(pd.DataFrame(), "A")
+
+
 def test_cost_table_gives_the_mean_seconds_of_traces_and_maps() -> None:
     frame = _frame()
     frame["trace_seconds"] = np.where(frame["variant"] == "spade", frame["sample"] + 1.0, 0.0)
