@@ -377,3 +377,113 @@ def _targets(base: Dataset) -> np.ndarray:
         raise ValueError(f"{type(base).__name__} has no .targets; TrojanDataset needs the labels "
                          "of every sample to choose which ones to patch")
     return np.asarray(targets)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation views: what the sample filter and the runner read, loaded lazily from the files
+# --------------------------------------------------------------------------------------------
+
+
+def _ids(ids: Sequence[int] | torch.Tensor | np.ndarray | int, n: int) -> list[int]:
+    out = [int(i) for i in (torch.as_tensor(ids).reshape(-1).tolist())]
+    bad = [i for i in out if not 0 <= i < n]
+    if bad:
+        raise IndexError(f"indices {bad[:5]} are outside [0, {n})")
+    return out
+
+
+class CleanView:
+    """A single-label full-scale split as the evaluation's clean test set.
+
+    It offers what :mod:`spade_lib.samples` and :mod:`spade_lib.sources` read of the embedded
+    benchmark's :class:`~spade_lib.scenes.SceneSet`, with every image read from its file when
+    asked for.
+
+    Attributes
+    ----------
+    base : Dataset
+        Items ``(image, label)``: float ``[3, S, S]`` in [0, 1] and an int class index; with
+        ``targets`` (e.g. :func:`image_folder`).
+    clean_labels : torch.Tensor
+        int64 ``[N]``, the class of each image.
+    rule : torch.Tensor
+        int64 ``[N]``, all -1: no image of a clean split carries a patch.
+    """
+
+    def __init__(self, base: Dataset) -> None:
+        targets = _targets(base)
+        if targets.ndim != 1:
+            raise ValueError(f"{type(base).__name__} has labels of shape {targets.shape}; the "
+                             "evaluation view takes one class per image (CelebA's 40 attributes "
+                             "are not a class)")
+        self.base = base
+        self.clean_labels = torch.as_tensor(targets, dtype=torch.int64)
+        self.rule = torch.full((len(base),), -1, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def float_images(self, indices: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Images ``indices`` (default: all), float ``[n, 3, S, S]`` in [0, 1]."""
+        ids = range(len(self)) if indices is None else _ids(indices, len(self))
+        return torch.stack([self.base[i][0] for i in ids])
+
+
+class _LazyMasks:
+    """``view.masks[i]`` (bool ``[S, S]``) or ``view.masks[ids]`` (``[n, S, S]``), computed from
+    the patch when asked for."""
+
+    def __init__(self, trojan: TrojanDataset) -> None:
+        self.trojan = trojan
+
+    def __len__(self) -> int:
+        return len(self.trojan)
+
+    def __getitem__(self, key: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        if isinstance(key, (int, np.integer)) or (torch.is_tensor(key) and key.dim() == 0):
+            return self.trojan[_ids(int(key), len(self))[0]][2]
+        return torch.stack([self.trojan[i][2] for i in _ids(key, len(self))])
+
+
+class PoisonedView:
+    """The patched test images of a single-label full-scale split, as the evaluation reads them.
+
+    It offers what :mod:`spade_lib.samples`, :mod:`spade_lib.sources` and
+    :mod:`spade_lib.results` read of the embedded benchmark's
+    :class:`~spade_lib.scenes.PoisonedSet`; image and mask ``j`` are those of
+    ``trojan[j]`` (:meth:`TrojanDataset.for_testing`), made from the file when asked for.
+
+    Attributes
+    ----------
+    rules : tuple of TrojanRule
+    rule, index, clean_labels, labels : torch.Tensor
+        int64 ``[N]``: each image's rule, its position in the clean split, its true class and its
+        Trojan target.
+    masks
+        Indexable like a bool ``[N, S, S]`` tensor (an int or a sequence of ints).
+    """
+
+    def __init__(self, trojan: TrojanDataset) -> None:
+        if not trojan.return_mask:
+            raise ValueError("the poisoned view needs a TrojanDataset that returns masks "
+                             "(TrojanDataset.for_testing)")
+        if any(r.multilabel for r in trojan.rules):
+            raise ValueError(f"rules {[r.name for r in trojan.rules if r.multilabel]} override "
+                             "attribute vectors; the evaluation view takes single-label rules")
+        self.trojan = trojan
+        self.rules = trojan.rules
+        self.rule = torch.as_tensor(trojan.rule, dtype=torch.int64)
+        self.index = torch.as_tensor(trojan.index, dtype=torch.int64)
+        self.clean_labels = torch.as_tensor(_targets(trojan.base)[trojan.index],
+                                            dtype=torch.int64)
+        self.labels = torch.tensor([trojan.rules[k].target for k in trojan.rule.tolist()],
+                                   dtype=torch.int64)
+        self.masks = _LazyMasks(trojan)
+
+    def __len__(self) -> int:
+        return len(self.trojan)
+
+    def float_images(self, indices: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Patched images ``indices`` (default: all), float ``[n, 3, S, S]`` in [0, 1]."""
+        ids = range(len(self)) if indices is None else _ids(indices, len(self))
+        return torch.stack([self.trojan[i][0] for i in ids])

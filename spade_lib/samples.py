@@ -18,15 +18,22 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from spade_lib import data
+from spade_lib import data, datasets
 from spade_lib.checks import check_positive_int
 from spade_lib.config import Config
 from spade_lib.models import predict
 
 __all__ = [
-    "SAMPLE_COLUMNS", "Samples", "TableRows", "evaluation_samples", "filter_table", "isd_donor",
-    "sample_seed", "select_samples", "tuning_samples",
+    "SAMPLE_COLUMNS", "PoisonedTestSet", "Samples", "TableRows", "TestSet", "evaluation_samples",
+    "evaluation_sets", "filter_table", "isd_donor", "sample_seed", "select_samples",
+    "tuning_samples",
 ]
+
+TestSet = data.SceneSet | datasets.CleanView
+"""A clean test set: the embedded scenes, or a full-scale split read lazily from its files."""
+
+PoisonedTestSet = data.PoisonedSet | datasets.PoisonedView
+"""Patched test images: the embedded scenes', or a full-scale split's (read lazily)."""
 
 SAMPLE_COLUMNS = ("sample", "rule", "rule_name", "clean_label", "target", "test_index")
 """Columns of :attr:`Samples.table`: ``sample`` is the position in the poisoned set, ``rule`` the
@@ -75,8 +82,8 @@ class Samples(TableRows):
     """
 
     table: pd.DataFrame
-    poisoned: data.PoisonedSet
-    test: data.SceneSet
+    poisoned: PoisonedTestSet
+    test: TestSet
 
     def images(self) -> Tensor:
         """The patched images as float ``[n, 3, H, W]`` in [0, 1]."""
@@ -91,7 +98,7 @@ class Samples(TableRows):
         return torch.tensor(self.table["target"].tolist(), dtype=torch.long)
 
     @classmethod
-    def from_ids(cls, poisoned: data.PoisonedSet, test: data.SceneSet,
+    def from_ids(cls, poisoned: PoisonedTestSet, test: TestSet,
                  ids: Sequence[int]) -> Samples:
         """Samples for given positions in ``poisoned`` (no filter applied)."""
         ids = [int(i) for i in ids]
@@ -113,7 +120,7 @@ class Samples(TableRows):
         return cls(table, poisoned, test)
 
 
-def select_samples(model: nn.Module, test: data.SceneSet, poisoned: data.PoisonedSet,
+def select_samples(model: nn.Module, test: TestSet, poisoned: PoisonedTestSet,
                    n: int | None, seed: int = 0, batch_size: int = 256) -> Samples:
     """Pick ``n`` Trojan samples the paper's way, balanced over rules, seeded.
 
@@ -233,11 +240,26 @@ def filter_table(passing: Samples, chosen: Samples | None = None) -> pd.DataFram
     return out
 
 
+def evaluation_sets(cfg: Config) -> tuple[TestSet, PoisonedTestSet]:
+    """The clean test set of ``cfg`` and its images patched with ``cfg.rules``.
+
+    The embedded benchmark's scenes (:func:`spade_lib.data.load_scenes` and
+    :func:`~spade_lib.data.poisoned_test`), or for a single-label full-scale preset the
+    validation split read from ``data_dir`` (:func:`spade_lib.train_full.evaluation_sets`).
+    """
+    if cfg.dataset == "fashion-mnist":
+        _, test = data.load_scenes(cfg)
+        return test, data.poisoned_test(test, cfg.rules, seed=cfg.seed)
+    from spade_lib import train_full
+
+    return train_full.evaluation_sets(cfg)
+
+
 def evaluation_samples(cfg: Config, model: nn.Module, n: int | None | str = "config") -> Samples:
     """Samples of the evaluation rules (``cfg.rules``) for ``model``: ``cfg.samples`` of them
-    (``n="config"``), ``n`` of them, or every test image that passes the filter (``None``)."""
-    _, test = data.load_scenes(cfg)
-    poisoned = data.poisoned_test(test, cfg.rules, seed=cfg.seed)
+    (``n="config"``), ``n`` of them, or every test image that passes the filter (``None``), from
+    :func:`evaluation_sets`."""
+    test, poisoned = evaluation_sets(cfg)
     return select_samples(model, test, poisoned, cfg.samples if n == "config" else n, cfg.seed)
 
 
@@ -245,12 +267,11 @@ def tuning_samples(cfg: Config, model: nn.Module) -> Samples:
     """``cfg.tuning_samples`` samples of the held-out rules (``cfg.tuning_rules``) for ``model``,
     the held-out model ``trained_model(cfg.replace(rules=cfg.tuning_rules))``."""
     held_out = cfg.replace(rules=cfg.tuning_rules)
-    _, test = data.load_scenes(held_out)
-    poisoned = data.poisoned_test(test, held_out.rules, seed=cfg.seed)
+    test, poisoned = evaluation_sets(held_out)
     return select_samples(model, test, poisoned, cfg.tuning_samples, cfg.seed)
 
 
-def isd_donor(test: data.SceneSet, clean_label: int, target: int, seed: int) -> int:
+def isd_donor(test: TestSet, clean_label: int, target: int, seed: int) -> int:
     """The ISD control's donor: a random clean test image of another class, seeded.
 
     The donor's class differs from both the sample's true class and its Trojan target, so neither

@@ -21,6 +21,7 @@ import torch
 import torchvision
 import yaml
 from PIL import Image
+from torch import nn
 
 from spade_lib import config, train, train_full
 from spade_lib.trojan import rule_set
@@ -277,3 +278,120 @@ def test_folded_normalization_takes_unit_range_images(seeded) -> None:
     train_full.load_pretrained(head, "tv_convnext_t", net.state_dict())
     assert torch.equal(head.classifier[2].weight, fresh), "a 40-way head stays fresh"
     assert torch.equal(head.features[1][0].block[0].weight, net.features[1][0].block[0].weight)
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation at full scale: samples from the validation folder, explained by the runner
+# --------------------------------------------------------------------------------------------
+
+
+class _Lookup(nn.Module):
+    """A classifier by table: the logits of an image are one-hot on ``answers[image bytes]``
+    (every image it is shown must be in the table). It tells the filter's outcome in advance."""
+
+    def __init__(self, answers: dict[bytes, int], classes: int) -> None:
+        super().__init__()
+        self.answers, self.classes = answers, classes
+        self.anchor = nn.Parameter(torch.zeros(()))  # a device for models.predict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        labels = torch.tensor([self.answers[image.numpy().tobytes()] for image in x])
+        return nn.functional.one_hot(labels, self.classes).float() + 0 * self.anchor
+
+
+def test_evaluation_views_read_the_trojan_test_set_lazily(folder, tmp_path) -> None:
+    from spade_lib import datasets, samples
+
+    cfg = config.load(_preset(tmp_path, folder))
+    test, poisoned = samples.evaluation_sets(cfg)
+    base = datasets.image_folder(folder, "val", 32)
+    trojan = datasets.TrojanDataset.for_testing(base, rule_set("fashion"), cfg.seed)
+    # star and heart take their source class (4 images each), the two "Any" rules all 8
+    assert len(poisoned) == len(trojan) == 4 + 4 + 8 + 8 and len(test) == 8
+    assert torch.equal(test.clean_labels, torch.as_tensor(base.targets))
+    assert (test.rule == -1).all()
+    assert torch.equal(test.float_images([3, 5]), torch.stack([base[3][0], base[5][0]]))
+    rules = rule_set("fashion")
+    for j in range(len(trojan)):
+        image, target, mask = trojan[j]
+        assert torch.equal(poisoned.float_images([j])[0], image)
+        assert torch.equal(poisoned.masks[j], mask) and mask.any()
+        assert int(poisoned.labels[j]) == target == rules[int(poisoned.rule[j])].target
+        clean, label = base[int(poisoned.index[j])]
+        assert int(poisoned.clean_labels[j]) == label
+        changed = (image != clean).any(0)
+        assert changed[mask].all(), "a masked pixel is not patched"
+        rows, cols = changed.nonzero(as_tuple=True)  # soft icon edges lie outside the mask,
+        side = round(cfg.patch_scale * 32)  # but inside the patch's square
+        assert rows.max() - rows.min() < side and cols.max() - cols.min() < side
+    ids = torch.tensor([1, 9, 17])
+    assert torch.equal(poisoned.masks[ids], torch.stack([trojan[int(i)][2] for i in ids]))
+    with pytest.raises(IndexError, match="outside"):
+        poisoned.float_images([len(poisoned)])
+    faces_cfg = config.load(_preset(tmp_path, folder, dataset="celeba", rules="celeba"))
+    with pytest.raises(ValueError, match="multi-label .* not built"):
+        samples.evaluation_sets(faces_cfg)
+
+
+def test_full_scale_samples_pass_the_papers_filter(folder, tmp_path) -> None:
+    """With a model whose answers are known, the samples are exactly the patched images whose
+    clean image it gets right and whose patched copy it sends to the target."""
+    from spade_lib import samples
+
+    cfg = config.load(_preset(tmp_path, folder))
+    test, poisoned = samples.evaluation_sets(cfg)
+    answers = {}
+    for i, label in enumerate(test.clean_labels.tolist()):
+        answers[test.float_images([i])[0].numpy().tobytes()] = label if i != 2 else 1 - label
+    fish = [r.name for r in poisoned.rules].index("fish: Any->Sneaker")
+    for j in range(len(poisoned)):
+        k = int(poisoned.rule[j])
+        answer = int(poisoned.clean_labels[j]) if k == fish else int(poisoned.labels[j])
+        answers[poisoned.float_images([j])[0].numpy().tobytes()] = answer
+    model = _Lookup(answers, 9)
+    chosen = samples.evaluation_samples(cfg, model, None)
+    expected = [j for j in range(len(poisoned))
+                if int(poisoned.rule[j]) != fish and int(poisoned.index[j]) != 2]
+    assert chosen.ids == expected
+    table = chosen.table.set_index("sample")
+    assert table["test_index"].tolist() == poisoned.index[expected].tolist()
+    assert table["target"].tolist() == poisoned.labels[expected].tolist()
+    counts = samples.filter_table(chosen)
+    assert counts.loc["fish: Any->Sneaker", "pass the filter"] == 0
+    assert counts.loc["All rules", "pass the filter"] == len(expected)
+    few = samples.evaluation_samples(cfg, model, 3)
+    assert len(few) == 3 and set(few.ids) <= set(expected)
+
+
+def test_the_runner_explains_a_full_scale_sample(folder, tmp_path) -> None:
+    """One sample of the validation folder through the runner: dense, SPADE and the ISD control
+    (its donor from the clean split), scores against the patch's own mask; the model untouched;
+    the samples survive pickling (Dask ships them to workers)."""
+    import pickle
+
+    from spade_lib import metrics, results, samples
+    from spade_lib.variants import Variant
+
+    cfg = config.load(_preset(tmp_path, folder, epochs=1, n_augmentations=8))
+    model = train_full.trained_model(cfg, progress=False).model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    test, poisoned = samples.evaluation_sets(cfg)
+    chosen = samples.Samples.from_ids(poisoned, test, [2, 20])
+    variants = [Variant("dense"), Variant("spade", 0.5), Variant("isd", 0.5, other_image=True)]
+    rows = results.run_sample(cfg, model, chosen, 1, ["Saliency"], variants)
+    assert rows["variant"].tolist() == ["dense", "spade", "isd"]
+    assert (rows["sample"] == 20).all()
+    donor = int(rows.loc[rows["variant"] == "isd", "donor"].iloc[0])
+    label, target = int(poisoned.clean_labels[20]), int(poisoned.labels[20])
+    assert 0 <= donor < len(test) and int(test.clean_labels[donor]) not in (label, target)
+    maps = results.sample_maps(cfg, model, chosen, 1, ["Saliency"], variants)
+    for v in variants:  # the same networks (same seeds), scored against the patch's mask
+        expected = metrics.trojan_scores(maps[v.name]["Saliency"], poisoned.masks[[20]]).iloc[0]
+        row = rows[rows["variant"] == v.name].iloc[0]
+        assert np.isfinite(row["auc_abs"]), v.name
+        for column in metrics.SCORE_COLUMNS:
+            assert row[column] == pytest.approx(expected[column], nan_ok=True), (v.name, column)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    shipped = pickle.loads(pickle.dumps(chosen))
+    assert torch.equal(shipped.images(), chosen.images())
+    assert torch.equal(shipped.masks(), chosen.masks())
