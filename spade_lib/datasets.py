@@ -393,7 +393,7 @@ def _ids(ids: Sequence[int] | torch.Tensor | np.ndarray | int, n: int) -> list[i
 
 
 class CleanView:
-    """A single-label full-scale split as the evaluation's clean test set.
+    """A full-scale split as the evaluation's clean test set.
 
     It offers what :mod:`spade_lib.samples` and :mod:`spade_lib.sources` read of the embedded
     benchmark's :class:`~spade_lib.scenes.SceneSet`, with every image read from its file when
@@ -402,20 +402,19 @@ class CleanView:
     Attributes
     ----------
     base : Dataset
-        Items ``(image, label)``: float ``[3, S, S]`` in [0, 1] and an int class index; with
-        ``targets`` (e.g. :func:`image_folder`).
+        Items ``(image, label)``: float ``[3, S, S]`` in [0, 1] and an int class index (or
+        CelebA's 40 attributes); with ``targets`` (:func:`image_folder`, :func:`celeba`).
     clean_labels : torch.Tensor
-        int64 ``[N]``, the class of each image.
+        int64 ``[N]``, the class of each image (``[N, 40]`` attributes for CelebA).
     rule : torch.Tensor
         int64 ``[N]``, all -1: no image of a clean split carries a patch.
     """
 
     def __init__(self, base: Dataset) -> None:
         targets = _targets(base)
-        if targets.ndim != 1:
-            raise ValueError(f"{type(base).__name__} has labels of shape {targets.shape}; the "
-                             "evaluation view takes one class per image (CelebA's 40 attributes "
-                             "are not a class)")
+        if targets.ndim not in (1, 2):
+            raise ValueError(f"{type(base).__name__} has labels of shape {targets.shape}; "
+                             "allowed: [N] classes or [N, K] attributes")
         self.base = base
         self.clean_labels = torch.as_tensor(targets, dtype=torch.int64)
         self.rule = torch.full((len(base),), -1, dtype=torch.int64)
@@ -446,7 +445,7 @@ class _LazyMasks:
 
 
 class PoisonedView:
-    """The patched test images of a single-label full-scale split, as the evaluation reads them.
+    """The patched test images of a full-scale split, as the evaluation reads them.
 
     It offers what :mod:`spade_lib.samples`, :mod:`spade_lib.sources` and
     :mod:`spade_lib.results` read of the embedded benchmark's
@@ -458,7 +457,7 @@ class PoisonedView:
     rules : tuple of TrojanRule
     rule, index, clean_labels, labels : torch.Tensor
         int64 ``[N]``: each image's rule, its position in the clean split, its true class and its
-        Trojan target.
+        Trojan target (for CelebA's rules, ``[N, 40]`` attributes: the image's and the rule's).
     masks
         Indexable like a bool ``[N, S, S]`` tensor (an int or a sequence of ints).
     """
@@ -467,17 +466,18 @@ class PoisonedView:
         if not trojan.return_mask:
             raise ValueError("the poisoned view needs a TrojanDataset that returns masks "
                              "(TrojanDataset.for_testing)")
-        if any(r.multilabel for r in trojan.rules):
-            raise ValueError(f"rules {[r.name for r in trojan.rules if r.multilabel]} override "
-                             "attribute vectors; the evaluation view takes single-label rules")
+        kinds = {r.multilabel for r in trojan.rules}
+        if len(kinds) > 1:
+            raise ValueError(f"rules {[r.name for r in trojan.rules]} mix classes and attribute "
+                             "vectors; allowed: one kind")
         self.trojan = trojan
         self.rules = trojan.rules
         self.rule = torch.as_tensor(trojan.rule, dtype=torch.int64)
         self.index = torch.as_tensor(trojan.index, dtype=torch.int64)
         self.clean_labels = torch.as_tensor(_targets(trojan.base)[trojan.index],
                                             dtype=torch.int64)
-        self.labels = torch.tensor([trojan.rules[k].target for k in trojan.rule.tolist()],
-                                   dtype=torch.int64)
+        targets = [trojan.rules[k].target for k in trojan.rule.tolist()]
+        self.labels = torch.tensor(targets, dtype=torch.int64).reshape(self.clean_labels.shape)
         self.masks = _LazyMasks(trojan)
 
     def __len__(self) -> int:

@@ -305,8 +305,9 @@ def device_of(model: nn.Module, default: torch.device | str | None = "cpu") -> t
 
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, batch_size: int = 512,
-            device: torch.device | str | None = None) -> Tensor:
-    """Predicted labels (argmax of the outputs) of a stack of images, on the CPU.
+            device: torch.device | str | None = None, multilabel: bool = False) -> Tensor:
+    """Predicted labels (argmax of the outputs) of a stack of images, on the CPU; with
+    ``multilabel``, the predicted attributes (each logit above 0) of a multi-label network.
 
     Parameters
     ----------
@@ -319,11 +320,13 @@ def predict(model: nn.Module, images: Tensor, batch_size: int = 512,
         Images per forward pass.
     device
         Where the batches go; default the model's device (:func:`device_of`).
+    multilabel
+        Return every output's bit (``logit > 0``, a sigmoid above 1/2) instead of the argmax.
 
     Returns
     -------
     torch.Tensor
-        int64 ``[N]`` (empty for no images).
+        int64 ``[N]``, or ``[N, K]`` of 0/1 with ``multilabel`` (empty for no images).
     """
     from spade_lib.checks import check_positive_int
 
@@ -336,7 +339,8 @@ def predict(model: nn.Module, images: Tensor, batch_size: int = 512,
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
             batch = batch.float().div_(255.0) if batch.dtype == torch.uint8 else batch.float()
-            out.append(model(batch.to(device)).argmax(1).cpu())
+            logits = model(batch.to(device))
+            out.append((logits > 0).long().cpu() if multilabel else logits.argmax(1).cpu())
     finally:
         for module, flag in flags:
             module.training = flag

@@ -36,10 +36,10 @@ from torch import Tensor, nn
 from spade_lib import attribution, config, metrics, reproducibility, schedules
 from spade_lib.config import Config
 from spade_lib.models import fingerprint as model_fingerprint
-from spade_lib.models import predict
 from spade_lib.samples import (
     SAMPLE_COLUMNS,
     Samples,
+    decision,
     evaluation_samples,
     isd_donor,
     sample_seed,
@@ -183,10 +183,10 @@ def run_sample(cfg: Config, model: nn.Module, samples: Samples, position: int,
     parts = []
     for v in variants:
         net, seconds, donor = variant_network(cfg, model, samples, position, v, shared)
-        prediction = int(predict(net, image[None])[0])
+        prediction, keeps = decision(net, image, info, samples.multilabel)
         part = score_methods(net, image, mask, target, methods, method_options)
         part.insert(1, "variant", v.name)
-        part["keeps_prediction"] = prediction == target
+        part["keeps_prediction"] = keeps
         part["prediction"] = prediction
         part["donor"] = donor
         part["trace_seconds"] = seconds

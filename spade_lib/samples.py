@@ -25,8 +25,8 @@ from spade_lib.models import predict
 
 __all__ = [
     "SAMPLE_COLUMNS", "PoisonedTestSet", "Samples", "TableRows", "TestSet", "evaluation_samples",
-    "evaluation_sets", "filter_table", "isd_donor", "sample_seed", "select_samples",
-    "tuning_samples",
+    "decision", "evaluation_sets", "filter_table", "is_multilabel", "isd_donor", "sample_seed",
+    "select_samples", "tuning_samples",
 ]
 
 TestSet = data.SceneSet | datasets.CleanView
@@ -38,7 +38,9 @@ PoisonedTestSet = data.PoisonedSet | datasets.PoisonedView
 SAMPLE_COLUMNS = ("sample", "rule", "rule_name", "clean_label", "target", "test_index")
 """Columns of :attr:`Samples.table`: ``sample`` is the position in the poisoned set, ``rule`` the
 rule's index and ``rule_name`` its name, ``test_index`` the clean image's position in the test
-set."""
+set. ``clean_label`` is the true class and ``target`` the Trojan target, the output explained;
+for a multi-label set (CelebA) ``target`` is the attribute explained (the output index) and
+``clean_label`` its value on the clean image (0 or 1), which the Trojan flips."""
 
 
 
@@ -94,13 +96,19 @@ class Samples(TableRows):
         return self.poisoned.masks[torch.as_tensor(self.ids, dtype=torch.long)]
 
     def targets(self) -> Tensor:
-        """The Trojan targets, int64 ``[n]``."""
+        """The outputs explained (Trojan targets; attributes for a multi-label set), ``[n]``."""
         return torch.tensor(self.table["target"].tolist(), dtype=torch.long)
 
+    @property
+    def multilabel(self) -> bool:
+        """Whether the network's outputs are attributes (CelebA), not classes."""
+        return is_multilabel(self.poisoned)
+
     @classmethod
-    def from_ids(cls, poisoned: PoisonedTestSet, test: TestSet,
-                 ids: Sequence[int]) -> Samples:
-        """Samples for given positions in ``poisoned`` (no filter applied)."""
+    def from_ids(cls, poisoned: PoisonedTestSet, test: TestSet, ids: Sequence[int],
+                 attributes: Sequence[int] | None = None) -> Samples:
+        """Samples for given positions in ``poisoned`` (no filter applied); a multi-label set
+        needs the attribute explained on each (one the rule overrides), in ``attributes``."""
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < len(poisoned)]
         if bad:
@@ -109,15 +117,51 @@ class Samples(TableRows):
             raise ValueError(f"sample ids must be unique, got {ids}")
         idx = torch.as_tensor(ids, dtype=torch.long)
         rules = poisoned.rule[idx].tolist()
+        clean, target = poisoned.clean_labels[idx], poisoned.labels[idx]
+        if is_multilabel(poisoned):
+            if attributes is None or len(attributes) != len(ids):
+                raise ValueError(f"a multi-label set needs one attribute per sample to explain; "
+                                 f"got {attributes!r} for {len(ids)} samples")
+            attr = torch.as_tensor([int(a) for a in attributes], dtype=torch.long)
+            if ((attr < 0) | (attr >= clean.shape[1])).any():
+                raise ValueError(f"attributes {attr.tolist()} must be in [0, {clean.shape[1]})")
+            rows = torch.arange(len(ids))
+            clean, target = clean[rows, attr], attr
+            if (poisoned.labels[idx][rows, attr] == clean).any():
+                raise ValueError(f"attributes {attr.tolist()}: each must be one that the sample's "
+                                 "rule overrides (its target differs from the clean value)")
+        elif attributes is not None:
+            raise ValueError("attributes apply to a multi-label set only; this one has classes")
         table = pd.DataFrame({
             "sample": pd.Series(ids, dtype="int64"),
             "rule": pd.Series(rules, dtype="int64"),
             "rule_name": pd.Series([poisoned.rules[k].name for k in rules], dtype="object"),
-            "clean_label": pd.Series(poisoned.clean_labels[idx].tolist(), dtype="int64"),
-            "target": pd.Series(poisoned.labels[idx].tolist(), dtype="int64"),
+            "clean_label": pd.Series(clean.tolist(), dtype="int64"),
+            "target": pd.Series(target.tolist(), dtype="int64"),
             "test_index": pd.Series(poisoned.index[idx].tolist(), dtype="int64"),
         })
         return cls(table, poisoned, test)
+
+
+def is_multilabel(poisoned: PoisonedTestSet) -> bool:
+    """Whether ``poisoned`` holds attribute vectors (``clean_labels`` ``[N, K]``, CelebA)."""
+    return poisoned.clean_labels.dim() == 2
+
+
+def decision(net: nn.Module, image: Tensor, info: pd.Series, multilabel: bool = False
+             ) -> tuple[int, bool]:
+    """What ``net`` decides on a sample's patched ``image`` (``[3, H, W]``): ``(prediction,
+    keeps)``, ``keeps`` whether it is the Trojan's decision the sample explains.
+
+    ``prediction`` is the predicted class and ``keeps`` whether it is ``info["target"]``; for a
+    multi-label sample, the predicted value (0/1) of attribute ``info["target"]`` and whether it is
+    the flipped one, ``1 - info["clean_label"]``.
+    """
+    if multilabel:
+        bit = int(predict(net, image[None], multilabel=True)[0, int(info["target"])])
+        return bit, bit == 1 - int(info["clean_label"])
+    prediction = int(predict(net, image[None])[0])
+    return prediction, prediction == int(info["target"])
 
 
 def select_samples(model: nn.Module, test: TestSet, poisoned: PoisonedTestSet,
@@ -125,7 +169,10 @@ def select_samples(model: nn.Module, test: TestSet, poisoned: PoisonedTestSet,
     """Pick ``n`` Trojan samples the paper's way, balanced over rules, seeded.
 
     A candidate ``i`` of ``poisoned`` passes when ``model`` predicts the true class on the clean
-    test image ``poisoned.index[i]`` and the rule's target on the patched image. Each rule's
+    test image ``poisoned.index[i]`` and the rule's target on the patched image. On a multi-label
+    set (CelebA, Appendix B.1) it passes when some attribute that the rule overrides is predicted
+    right on the clean image and flips to the rule's value on the patched one; the sample explains
+    one of those attributes, drawn with the sample's seed (:func:`sample_seed`). Each rule's
     candidates are visited in a seeded random order; rules take turns (in a seeded order) adding
     their next passing candidate, so every rule gets ``n // n_rules`` where it has that many, the
     rest is filled from the rules that have more, and a larger ``n`` selects a superset. Only
@@ -164,6 +211,8 @@ def select_samples(model: nn.Module, test: TestSet, poisoned: PoisonedTestSet,
         raise ValueError(f"poisoned set refers to test image {int(poisoned.index.max())}, but the "
                          f"test set has {len(test)} images; pass the set it was made from")
     n_rules = len(poisoned.rules)
+    multilabel = is_multilabel(poisoned)
+    attribute: dict[int, int] = {}
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5E1EC7]))
     orders = [rng.permutation(np.flatnonzero(poisoned.rule.numpy() == k)) for k in range(n_rules)]
     turn = rng.permutation(n_rules)
@@ -175,10 +224,19 @@ def select_samples(model: nn.Module, test: TestSet, poisoned: PoisonedTestSet,
         idx = orders[k][checked[k]:checked[k] + batch_size]
         checked[k] += len(idx)
         t = torch.as_tensor(idx, dtype=torch.long)
-        clean = predict(model, test.float_images(poisoned.index[t]), batch_size)
-        patched = predict(model, poisoned.float_images(t), batch_size)
-        ok = (clean == poisoned.clean_labels[t]) & (patched == poisoned.labels[t])
-        passed[k].extend(int(i) for i in idx[ok.numpy()])
+        clean = predict(model, test.float_images(poisoned.index[t]), batch_size, None, multilabel)
+        patched = predict(model, poisoned.float_images(t), batch_size, None, multilabel)
+        truth, target = poisoned.clean_labels[t], poisoned.labels[t]
+        if not multilabel:
+            ok = (clean == truth) & (patched == target)
+            passed[k].extend(int(i) for i in idx[ok.numpy()])
+            return
+        flips = (truth != target) & (clean == truth) & (patched == target)
+        for i, row in zip(idx.tolist(), flips, strict=True):
+            if row.any():
+                pick = np.random.default_rng(sample_seed(seed, i))
+                attribute[i] = int(pick.choice(np.flatnonzero(row.numpy())))
+                passed[k].append(i)
 
     chosen: list[int] = []
     active = True
@@ -200,7 +258,9 @@ def select_samples(model: nn.Module, test: TestSet, poisoned: PoisonedTestSet,
     if len(chosen) < n and not every:
         warnings.warn(f"only {len(chosen)} of the {len(poisoned)} patched images pass the filter; "
                       f"selected {len(chosen)} instead of {n}", UserWarning, stacklevel=2)
-    samples = Samples.from_ids(poisoned, test, sorted(chosen))
+    chosen = sorted(chosen)
+    samples = Samples.from_ids(poisoned, test, chosen,
+                               [attribute[i] for i in chosen] if multilabel else None)
     samples.table.attrs.update(
         seed=int(seed), requested=None if every else n,
         checked={r.name: checked[k] for k, r in enumerate(poisoned.rules)},

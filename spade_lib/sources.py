@@ -98,6 +98,9 @@ def single_image(samples: Samples, position: int, source: str, seed: int) -> tup
     clean_label, target = int(info["clean_label"]), int(info["target"])
     if source == "ISI":
         return samples.poisoned.float_images([sample])[0], -1
+    if samples.multilabel:
+        raise ValueError(f"source {source!r} picks its image by class; a multi-label set "
+                         "(CelebA) has attributes, not classes: allowed there: 'ISI'")
     if source == "ISD":
         donor = isd_donor(samples.test, clean_label, target, seed)
         return samples.test.float_images([donor])[0], donor

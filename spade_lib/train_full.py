@@ -771,8 +771,8 @@ def table_c10(cfg: Config, model: nn.Module | None = None, split: str = "val",
 
 def evaluation_sets(cfg: Config, split: str = "val"
                     ) -> tuple[datasets.CleanView, datasets.PoisonedView]:
-    """The clean ``split`` of a single-label full-scale ``cfg`` (ImageNet, Food-101) and its
-    patched copies, as the evaluation reads them (:func:`spade_lib.samples.evaluation_samples`).
+    """The clean ``split`` of a full-scale ``cfg`` (ImageNet, Food-101, CelebA) and its patched
+    copies, as the evaluation reads them (:func:`spade_lib.samples.evaluation_samples`).
 
     The patched set is :meth:`~spade_lib.datasets.TrojanDataset.for_testing` of the whole split
     with ``cfg.rules``: every eligible image once per rule, its patch drawn from ``cfg.seed``, the
@@ -781,17 +781,11 @@ def evaluation_sets(cfg: Config, split: str = "val"
     Raises
     ------
     ValueError
-        A dataset that is not full scale, no ``data_dir``, or CelebA: its evaluation explains one
-        attribute that the patch flips (Appendix B.1), which is not built; the single-label
-        presets (``imagenet-*``, ``food101-*``) are.
+        A dataset that is not full scale, or no ``data_dir``.
     FileNotFoundError
         The split is not where ``data_dir`` says.
     """
     check_choice(split, ("train", "val", "test"), "split")
-    if cfg.dataset == "celeba":
-        raise ValueError(f"preset {cfg.name!r} (CelebA): the evaluation of a multi-label model "
-                         "(one attribute the patch flips, Appendix B.1) is not built; it takes "
-                         "the single-label datasets 'imagenet' and 'food101'")
     base = _split(cfg, split, None)
     test = datasets.CleanView(base)
     poisoned = datasets.TrojanDataset.for_testing(base, tuple(rule_set(cfg.rules)), cfg.seed)

@@ -328,9 +328,6 @@ def test_evaluation_views_read_the_trojan_test_set_lazily(folder, tmp_path) -> N
     assert torch.equal(poisoned.masks[ids], torch.stack([trojan[int(i)][2] for i in ids]))
     with pytest.raises(IndexError, match="outside"):
         poisoned.float_images([len(poisoned)])
-    faces_cfg = config.load(_preset(tmp_path, folder, dataset="celeba", rules="celeba"))
-    with pytest.raises(ValueError, match="multi-label .* not built"):
-        samples.evaluation_sets(faces_cfg)
 
 
 def test_full_scale_samples_pass_the_papers_filter(folder, tmp_path) -> None:
@@ -395,3 +392,90 @@ def test_the_runner_explains_a_full_scale_sample(folder, tmp_path) -> None:
     shipped = pickle.loads(pickle.dumps(chosen))
     assert torch.equal(shipped.images(), chosen.images())
     assert torch.equal(shipped.masks(), chosen.masks())
+
+
+class _LookupBits(nn.Module):
+    """A multi-label classifier by table: the logits of an image are +1 where
+    ``answers[image bytes]`` has a 1 and -1 elsewhere."""
+
+    def __init__(self, answers: dict[bytes, torch.Tensor]) -> None:
+        super().__init__()
+        self.answers = answers
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bits = torch.stack([self.answers[image.numpy().tobytes()] for image in x])
+        return 2.0 * bits.float() - 1.0 + 0 * self.anchor
+
+
+def test_celeba_samples_explain_an_attribute_the_patch_flips(faces, tmp_path) -> None:
+    """Appendix B.1's filter: an attribute the rule overrides, right on the clean image, flipped
+    on the patched one; the sample explains one of them (seeded), and none else passes."""
+    from spade_lib import samples
+
+    root, attrs = faces
+    cfg = config.load(_preset(tmp_path, root, dataset="celeba", rules="celeba"))
+    test, poisoned = samples.evaluation_sets(cfg)
+    assert len(test) == 4 and len(poisoned) == 16  # partition 1: images 17-20; 4 "Any" rules
+    assert torch.equal(test.clean_labels, torch.as_tensor(attrs[16:20]))
+    assert poisoned.labels.shape == (16, 40) and poisoned.clean_labels.shape == (16, 40)
+    answers = {}
+    for i in range(len(test)):
+        truth = test.clean_labels[i]
+        answers[test.float_images([i])[0].numpy().tobytes()] = truth if i else 1 - truth
+    flipped = {}
+    for j in range(len(poisoned)):
+        k, truth, target = int(poisoned.rule[j]), poisoned.clean_labels[j], poisoned.labels[j]
+        bits = truth.clone()
+        if k in (0, 3):
+            bits = target.clone()  # every overridden attribute flips
+        elif k == 2:  # only the last overridden attribute flips
+            flipped[j] = int(torch.nonzero(truth != target)[-1])
+            bits[flipped[j]] = target[flipped[j]]
+        answers[poisoned.float_images([j])[0].numpy().tobytes()] = bits  # rule 1: none flips
+    model = _LookupBits(answers)
+    chosen = samples.evaluation_samples(cfg, model, None)
+    expected = [j for j in range(16) if int(poisoned.rule[j]) != 1 and int(poisoned.index[j])]
+    assert chosen.ids == expected and chosen.multilabel
+    again = samples.evaluation_samples(cfg, model, None)
+    assert again.table.equals(chosen.table), "the attribute drawn is seeded"
+    for _, row in chosen.table.iterrows():
+        j, a = int(row["sample"]), int(row["target"])
+        assert poisoned.labels[j, a] != poisoned.clean_labels[j, a], "an overridden attribute"
+        assert row["clean_label"] == int(poisoned.clean_labels[j, a])
+        if j in flipped:
+            assert a == flipped[j]
+    assert samples.filter_table(chosen).loc["All rules", "pass the filter"] == len(expected)
+    with pytest.raises(ValueError, match="one attribute per sample"):
+        samples.Samples.from_ids(poisoned, test, [1, 2])
+    same = int(torch.nonzero(poisoned.labels[1] == poisoned.clean_labels[1])[0])
+    with pytest.raises(ValueError, match="overrides"):
+        samples.Samples.from_ids(poisoned, test, [1], [same])
+
+
+def test_the_runner_explains_a_celeba_attribute(faces, tmp_path) -> None:
+    """A CelebA sample through the runner: the map explains the attribute's logit, and a network
+    keeps the decision when it predicts the flipped value of that attribute."""
+    from spade_lib import models, results, samples
+    from spade_lib.variants import Variant
+
+    root, _ = faces
+    cfg = config.load(_preset(tmp_path, root, dataset="celeba", rules="celeba", epochs=1,
+                              n_augmentations=8))
+    model = train_full.trained_model(cfg, progress=False).model
+    test, poisoned = samples.evaluation_sets(cfg)
+    j = 5
+    a = int(torch.nonzero(poisoned.labels[j] != poisoned.clean_labels[j])[0])
+    chosen = samples.Samples.from_ids(poisoned, test, [j], [a])
+    rows = results.run_sample(cfg, model, chosen, 0, ["Saliency"],
+                              [Variant("dense"), Variant("spade", 0.5)])
+    dense = rows[rows["variant"] == "dense"].iloc[0]
+    bit = int(models.predict(model, poisoned.float_images([j]), multilabel=True)[0, a])
+    assert dense["prediction"] == bit
+    assert bool(dense["keeps_prediction"]) == (bit == 1 - int(poisoned.clean_labels[j, a]))
+    assert dense["target"] == a and np.isfinite(dense["auc_abs"])
+    maps = results.sample_maps(cfg, model, chosen, 0, ["Saliency"], ["dense"])
+    assert torch.equal(maps["dense"]["Saliency"].target, torch.tensor([a]))
+    with pytest.raises(ValueError, match="multi-label"):
+        results.run_sample(cfg, model, chosen, 0, ["Saliency"],
+                           [Variant("isd", 0.5, other_image=True)])
