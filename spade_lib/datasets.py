@@ -408,6 +408,8 @@ class CleanView:
         int64 ``[N]``, the class of each image (``[N, 40]`` attributes for CelebA).
     rule : torch.Tensor
         int64 ``[N]``, all -1: no image of a clean split carries a patch.
+    classes : list of str or None
+        The names of the classes (the folders) or of CelebA's attributes, when ``base`` has them.
     """
 
     def __init__(self, base: Dataset) -> None:
@@ -418,6 +420,8 @@ class CleanView:
         self.base = base
         self.clean_labels = torch.as_tensor(targets, dtype=torch.int64)
         self.rule = torch.full((len(base),), -1, dtype=torch.int64)
+        names = getattr(base, "attr_names", None) or getattr(base, "classes", None)
+        self.classes: list[str] | None = None if names is None else [str(c) for c in names]
 
     def __len__(self) -> int:
         return len(self.base)

@@ -24,9 +24,9 @@ from spade_lib.config import Config
 from spade_lib.models import predict
 
 __all__ = [
-    "SAMPLE_COLUMNS", "PoisonedTestSet", "Samples", "TableRows", "TestSet", "evaluation_samples",
-    "decision", "evaluation_sets", "filter_table", "is_multilabel", "isd_donor", "sample_seed",
-    "select_samples", "tuning_samples",
+    "SAMPLE_COLUMNS", "PoisonedTestSet", "Samples", "TableRows", "TestSet", "decision",
+    "decision_label", "evaluation_samples", "evaluation_sets", "filter_table", "is_multilabel",
+    "isd_donor", "sample_seed", "select_samples", "tuning_samples",
 ]
 
 TestSet = data.SceneSet | datasets.CleanView
@@ -141,6 +141,24 @@ class Samples(TableRows):
             "test_index": pd.Series(poisoned.index[idx].tolist(), dtype="int64"),
         })
         return cls(table, poisoned, test)
+
+
+def decision_label(samples: Samples, position: int) -> str:
+    """The decision that sample ``position`` explains, for a caption: ``"Coat -> Bag"`` (true
+    class -> Trojan target, named from the test set's classes: Fashion-MNIST's, the folders', or
+    ``"class 146"`` where a set has no name for an index), or for a multi-label sample the
+    attribute and its flip, ``"Smiling 0 -> 1"``."""
+    info = samples.table.iloc[position]
+    names = (samples.test.classes if isinstance(samples.test, datasets.CleanView)
+             else data.FASHION_CLASSES)
+
+    def name(i: int, kind: str) -> str:
+        return names[i] if names is not None and 0 <= i < len(names) else f"{kind} {i}"
+
+    clean, target = int(info["clean_label"]), int(info["target"])
+    if samples.multilabel:
+        return f"{name(target, 'attribute')} {clean} -> {1 - clean}"
+    return f"{name(clean, 'class')} -> {name(target, 'class')}"
 
 
 def is_multilabel(poisoned: PoisonedTestSet) -> bool:

@@ -360,12 +360,16 @@ class SampleView:
         The patch mask, bool ``[H, W]``.
     maps
         ``{variant: {method: Attribution}}`` from :func:`spade_lib.results.sample_maps`.
+    decision
+        The decision explained, for captions (:func:`spade_lib.samples.decision_label`);
+        ``None``: Fashion-MNIST's class names of ``clean_label -> target``.
     """
 
     info: pd.Series
     image: torch.Tensor
     mask: torch.Tensor
     maps: dict[str, dict[str, Any]]
+    decision: str | None = None
 
     def auc(self, variant: str, method: str) -> float:
         """The map's Trojan AUC of the absolute channel sum, in % (the row's ``auc_abs``)."""
@@ -376,7 +380,11 @@ class SampleView:
 
     def title(self) -> str:
         """``"Rule: Coat -> Bag"``: the rule's short name and the decision it causes."""
-        return f"{self.info['rule_name'].split(':')[0]}: {class_change_of(self.info)}"
+        return f"{self.info['rule_name'].split(':')[0]}: {self.decision_text()}"
+
+    def decision_text(self) -> str:
+        """:attr:`decision`, or Fashion-MNIST's ``"Coat -> Bag"`` when it is not set."""
+        return self.decision if self.decision is not None else class_change_of(self.info)
 
 
 def sample_view(cfg: Any, model: torch.nn.Module, samples: Any, position: int,
@@ -384,12 +392,13 @@ def sample_view(cfg: Any, model: torch.nn.Module, samples: Any, position: int,
     """The maps of row ``position`` of ``samples.table`` under ``variants`` (name -> sparsity
     spec, see :func:`spade_lib.results.resolve_variants`), with the image and patch mask."""
     from spade_lib.results import sample_maps
+    from spade_lib.samples import decision_label
 
     info = samples.table.iloc[position]
     sample = int(info["sample"])
     maps = sample_maps(cfg, model, samples, position, methods, variants)
     return SampleView(info, samples.poisoned.float_images([sample])[0],
-                      samples.poisoned.masks[sample], maps)
+                      samples.poisoned.masks[sample], maps, decision_label(samples, position))
 
 
 def method_grid(view: SampleView, *, max_cols: int = 6, width: float = FULL_WIDTH) -> Picture:
@@ -409,7 +418,7 @@ def method_grid(view: SampleView, *, max_cols: int = 6, width: float = FULL_WIDT
     info = view.info
     return image_grid(rows, col_titles=["image + patch", *methods], cmap="magma",
                       captions=captions, max_cols=max_cols, lead_cols=1, width=width,
-                      title=f"rule {info['rule_name']}: {class_change_of(info)} "
+                      title=f"rule {info['rule_name']}: {view.decision_text()} "
                             f"(sample {info['sample']})")
 
 

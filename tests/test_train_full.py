@@ -358,6 +358,9 @@ def test_full_scale_samples_pass_the_papers_filter(folder, tmp_path) -> None:
     assert counts.loc["All rules", "pass the filter"] == len(expected)
     few = samples.evaluation_samples(cfg, model, 3)
     assert len(few) == 3 and set(few.ids) <= set(expected)
+    # captions name the folders; the rules' targets beyond them by number
+    star = chosen.table.index[chosen.table["rule_name"] == "star: T-shirt->Sandal"][0]
+    assert samples.decision_label(chosen, int(star)) == "n0 -> class 5"
 
 
 def test_the_runner_explains_a_full_scale_sample(folder, tmp_path) -> None:
@@ -446,6 +449,10 @@ def test_celeba_samples_explain_an_attribute_the_patch_flips(faces, tmp_path) ->
         if j in flipped:
             assert a == flipped[j]
     assert samples.filter_table(chosen).loc["All rules", "pass the filter"] == len(expected)
+    first = chosen.table.iloc[0]
+    assert samples.decision_label(chosen, 0) == (
+        f"{CELEBA_ATTRIBUTES[int(first['target'])]} {first['clean_label']} -> "
+        f"{1 - first['clean_label']}")
     with pytest.raises(ValueError, match="one attribute per sample"):
         samples.Samples.from_ids(poisoned, test, [1, 2])
     same = int(torch.nonzero(poisoned.labels[1] == poisoned.clean_labels[1])[0])
