@@ -25,13 +25,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from spade_lib import data, pruning, reproducibility, results, schedules
+from spade_lib import pruning, reproducibility, results, schedules
 from spade_lib.checks import check_columns, check_positive_int, check_seed
 from spade_lib.config import Config
 from spade_lib.fidelity import MASK_AGREEMENT_COLUMNS, mask_agreement, trace_masks, weight_masks
 from spade_lib.files import atomic_write
 from spade_lib.models import fingerprint as model_fingerprint
-from spade_lib.samples import Samples, evaluation_samples, sample_seed
+from spade_lib.samples import Samples, evaluation_samples, evaluation_sets, sample_seed
 from spade_lib.schedules import pruned_layers
 from spade_lib.store import ResultStore, key_hash
 from spade_lib.tables import ALL_LAYERS, claim_verdict, layer_means, range_verdict, spread
@@ -213,13 +213,14 @@ def agreement_pairs(cfg: Config, model: nn.Module, n_pairs: int, seed: int | Non
         "config": cfg.digest((*results.RESULT_KEYS, "samples")),
         "model": model_fingerprint(model), "n_pairs": n_pairs, "seed": seed}) + ".json")
     if store and path.exists():
-        _, test = data.load_scenes(cfg)
-        poisoned = data.poisoned_test(test, cfg.rules, seed=cfg.seed)
-        pool = Samples.from_ids(poisoned, test, json.loads(path.read_text())["pool"])
+        test, poisoned = evaluation_sets(cfg)
+        kept = json.loads(path.read_text())
+        pool = Samples.from_ids(poisoned, test, kept["pool"], kept.get("attributes"))
         return select_pairs(pool, n_pairs, seed), pool
     pool = _grown_pool(cfg, model, n_pairs, seed)
     if store:
-        blob = json.dumps({"pool": pool.ids}).encode()
+        attributes = {"attributes": pool.targets().tolist()} if pool.multilabel else {}
+        blob = json.dumps({"pool": pool.ids, **attributes}).encode()
         atomic_write(path, lambda fh: fh.write(blob))
     return select_pairs(pool, n_pairs, seed), pool
 

@@ -299,6 +299,37 @@ class _Lookup(nn.Module):
         return nn.functional.one_hot(labels, self.classes).float() + 0 * self.anchor
 
 
+def _known_model(test, poisoned) -> tuple[_Lookup, int]:
+    """A lookup classifier of the folder's validation set: right on every clean image but the
+    third, the Trojan target on every patched image but those of the fish rule (returned)."""
+    answers = {}
+    for i, label in enumerate(test.clean_labels.tolist()):
+        answers[test.float_images([i])[0].numpy().tobytes()] = label if i != 2 else 1 - label
+    fish = [r.name for r in poisoned.rules].index("fish: Any->Sneaker")
+    for j in range(len(poisoned)):
+        k = int(poisoned.rule[j])
+        answer = int(poisoned.clean_labels[j]) if k == fish else int(poisoned.labels[j])
+        answers[poisoned.float_images([j])[0].numpy().tobytes()] = answer
+    return _Lookup(answers, 9), fish
+
+
+def test_mask_agreement_pairs_come_from_the_folder_and_are_cached(folder, tmp_path) -> None:
+    """Chapter K's pool at a full-scale preset: drawn from the validation folder's samples, kept
+    in the cache, and read back from the folder (not the embedded benchmark) on a rebuild."""
+    from spade_lib import mask_agreement, samples
+
+    cfg = config.load(_preset(tmp_path, folder, samples=4))
+    test, poisoned = samples.evaluation_sets(cfg)
+    model, _ = _known_model(test, poisoned)
+    with pytest.warns(UserWarning, match="fewer than"):
+        pairs, pool = mask_agreement.agreement_pairs(cfg, model, 2)
+    (kept,) = (tmp_path / "cache").rglob("pairs/*.json")
+    with pytest.warns(UserWarning, match="fewer than"):
+        again, same = mask_agreement.agreement_pairs(cfg, model, 2)
+    assert same.ids == pool.ids and again.equals(pairs) and len(pairs)
+    assert set(pool.ids) <= set(samples.evaluation_samples(cfg, model, None).ids)
+
+
 def test_evaluation_views_read_the_trojan_test_set_lazily(folder, tmp_path) -> None:
     from spade_lib import datasets, samples
 
@@ -337,15 +368,7 @@ def test_full_scale_samples_pass_the_papers_filter(folder, tmp_path) -> None:
 
     cfg = config.load(_preset(tmp_path, folder))
     test, poisoned = samples.evaluation_sets(cfg)
-    answers = {}
-    for i, label in enumerate(test.clean_labels.tolist()):
-        answers[test.float_images([i])[0].numpy().tobytes()] = label if i != 2 else 1 - label
-    fish = [r.name for r in poisoned.rules].index("fish: Any->Sneaker")
-    for j in range(len(poisoned)):
-        k = int(poisoned.rule[j])
-        answer = int(poisoned.clean_labels[j]) if k == fish else int(poisoned.labels[j])
-        answers[poisoned.float_images([j])[0].numpy().tobytes()] = answer
-    model = _Lookup(answers, 9)
+    model, fish = _known_model(test, poisoned)
     chosen = samples.evaluation_samples(cfg, model, None)
     expected = [j for j in range(len(poisoned))
                 if int(poisoned.rule[j]) != fish and int(poisoned.index[j]) != 2]
