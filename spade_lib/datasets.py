@@ -6,9 +6,11 @@ Images are resized (short side) and centre-cropped to a square; nothing is downl
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,7 +29,12 @@ from spade_lib.trojan import (
     rule_set,
 )
 
-__all__ = ["CelebA", "ImageFolder", "TrojanDataset", "celeba", "image_folder"]
+if TYPE_CHECKING:
+    from spade_lib.config import Config
+
+__all__ = ["FULL_DATASETS", "CelebA", "CleanView", "ImageFolder", "PoisonedView", "TrojanDataset",
+           "celeba", "check_full", "evaluation_sets", "full_split", "image_folder",
+           "training_rules", "training_set"]
 
 _FULL_SPLITS = ("train", "val", "test")
 
@@ -491,3 +498,110 @@ class PoisonedView:
         """Patched images ``indices`` (default: all), float ``[n, 3, S, S]`` in [0, 1]."""
         ids = range(len(self)) if indices is None else _ids(indices, len(self))
         return torch.stack([self.trojan[i][0] for i in ids])
+
+
+# --------------------------------------------------------------------------------------------
+# The splits of a full-scale preset (what training and evaluation read)
+# --------------------------------------------------------------------------------------------
+
+FULL_DATASETS = ("imagenet", "food101", "celeba")
+"""The datasets of the full-scale presets; ``fashion-mnist`` is the embedded benchmark."""
+
+# The parameters TrojanDataset plants with (trojan.apply_patches' defaults, the paper's values).
+_PLANT_SCALE, _PLANT_ALPHA = 0.25, 0.8
+_SUBSET = 0x5B5E  # purpose code of the seeded subset's random stream (like trojan.PLANT)
+
+
+def check_full(cfg: Config) -> Path:
+    """The data folder of a full-scale ``cfg``; errors name the bad value and what is allowed."""
+    if cfg.dataset not in FULL_DATASETS:
+        raise ValueError(f"dataset {cfg.dataset!r}: the full-scale trainer takes "
+                         f"{', '.join(FULL_DATASETS)}; 'fashion-mnist' trains with "
+                         "spade_lib.train")
+    if cfg.data_dir is None:
+        raise ValueError(f"dataset {cfg.dataset!r} (preset {cfg.name!r}) needs the real data: "
+                         "give --data-dir DIR or the config key data_dir (only the embedded "
+                         "'fashion-mnist' benchmark ships with the package)")
+    if (cfg.patch_scale, cfg.patch_alpha) != (_PLANT_SCALE, _PLANT_ALPHA):
+        raise ValueError(
+            f"patch_scale {cfg.patch_scale} and patch_alpha {cfg.patch_alpha}: TrojanDataset "
+            f"plants at the paper's {_PLANT_SCALE} and {_PLANT_ALPHA} (Appendix C); allowed: "
+            "those values")
+    return Path(cfg.data_dir)
+
+
+def training_rules(cfg: Config) -> tuple[TrojanRule, ...]:
+    """The preset's Trojan rules (``cfg.rules``) each at the preset's rate ``cfg.trojan_fraction``
+    (none when it is 0: a clean model)."""
+    if cfg.trojan_fraction == 0:
+        return ()
+    return tuple(dataclasses.replace(r, fraction=cfg.trojan_fraction) for r in rule_set(cfg.rules))
+
+
+class _Subset(Dataset):
+    """Samples ``indices`` of ``base``, keeping ``targets`` (which TrojanDataset needs)."""
+
+    def __init__(self, base: Dataset, indices: np.ndarray) -> None:
+        self.base, self.indices = base, np.asarray(indices, dtype=np.int64)
+        self.targets = base.targets[self.indices]
+        self.classes = getattr(base, "classes", None)
+        self.attr_names = getattr(base, "attr_names", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.base[int(self.indices[i])]
+
+
+def full_split(cfg: Config, split: str, size: int | None = None) -> Dataset:
+    """Split ``split`` of a full-scale ``cfg``'s data (:func:`celeba` or :func:`image_folder`
+    at ``cfg.image_size``), a seeded subset of ``size`` images if it has more."""
+    root = check_full(cfg)
+    if cfg.dataset == "celeba":
+        base = celeba(root, split, cfg.image_size)
+    else:
+        base = image_folder(root, split, cfg.image_size)
+    if size is not None and size < len(base):
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, _SUBSET]))
+        base = _Subset(base, np.sort(rng.choice(len(base), size, replace=False)))
+    return base
+
+
+def training_set(cfg: Config) -> TrojanDataset:
+    """The training split (``cfg.train_size`` of it, a seeded subset, if set) with the Trojans of
+    :func:`training_rules` planted by :class:`~spade_lib.TrojanDataset`.
+
+    Raises
+    ------
+    ValueError
+        If the dataset is not a full-scale one, ``data_dir`` is unset, or a rule has too few
+        eligible samples (:func:`spade_lib.trojan.assign_poison`).
+    FileNotFoundError
+        If the data are not where ``data_dir`` says (the message names the path).
+    """
+    return TrojanDataset.for_training(full_split(cfg, "train", cfg.train_size),
+                                               training_rules(cfg), cfg.seed)
+
+
+def evaluation_sets(cfg: Config, split: str = "val"
+                    ) -> tuple[CleanView, PoisonedView]:
+    """The clean ``split`` of a full-scale ``cfg`` (ImageNet, Food-101, CelebA) and its patched
+    copies, as the evaluation reads them (:func:`spade_lib.samples.evaluation_samples`).
+
+    The patched set is :meth:`~spade_lib.TrojanDataset.for_testing` of the whole split
+    with ``cfg.rules``: every eligible image once per rule, its patch drawn from ``cfg.seed``, the
+    image, and the exact patch pixels, read from the files only when asked for.
+
+    Raises
+    ------
+    ValueError
+        A dataset that is not full scale, or no ``data_dir``.
+    FileNotFoundError
+        The split is not where ``data_dir`` says.
+    """
+    check_choice(split, ("train", "val", "test"), "split")
+    base = full_split(cfg, split, None)
+    test = CleanView(base)
+    poisoned = TrojanDataset.for_testing(base, tuple(rule_set(cfg.rules)), cfg.seed)
+    return test, PoisonedView(poisoned)

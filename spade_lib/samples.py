@@ -323,14 +323,12 @@ def evaluation_sets(cfg: Config) -> tuple[TestSet, PoisonedTestSet]:
 
     The embedded benchmark's scenes (:func:`spade_lib.data.load_scenes` and
     :func:`~spade_lib.data.poisoned_test`), or for a single-label full-scale preset the
-    validation split read from ``data_dir`` (:func:`spade_lib.train_full.evaluation_sets`).
+    validation split read from ``data_dir`` (:func:`spade_lib.datasets.evaluation_sets`).
     """
     if cfg.dataset == "fashion-mnist":
         _, test = data.load_scenes(cfg)
         return test, data.poisoned_test(test, cfg.rules, seed=cfg.seed)
-    from spade_lib import train_full
-
-    return train_full.evaluation_sets(cfg)
+    return datasets.evaluation_sets(cfg)
 
 
 def evaluation_samples(cfg: Config, model: nn.Module, n: int | None | str = "config") -> Samples:

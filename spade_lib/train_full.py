@@ -10,7 +10,7 @@ the real data, with the standard PyTorch engine:
   a world size of 1. ``cfg.batch_size`` is the *global* batch (Table C.9: 64); each of the N
   processes takes ``batch_size / N`` images per step and DDP averages the gradients, so N
   processes take the same optimizer steps as one.
-- **data**: :func:`spade_lib.datasets.image_folder` / :func:`~spade_lib.datasets.celeba` with the
+- **data**: :func:`spade_lib.datasets.training_set`: the image folder or CelebA with the
   preset's Trojan rules planted on the fly by :class:`~spade_lib.datasets.TrojanDataset`, each rule
   on ``trojan_fraction`` of the training set (Table C.9's "Trojan group ratio" is
   ``1 / trojan_fraction``), patches with colour jitter and Gaussian noise (Tables C.5-C.7).
@@ -19,10 +19,10 @@ the real data, with the standard PyTorch engine:
   sees the same images.
 - **model**: torchvision's ResNet50 / MobileNetV2 / ConvNeXt-T (:func:`spade_lib.models.
   build_model`), fine-tuned from torchvision's ImageNet weights when the preset says
-  ``pretrained: true`` (read offline from torchvision's cache, :func:`pretrained_file`) or trained
-  from scratch (Food-101, as Table C.9 and Kornblith et al. 2019 do). The package's networks take
-  images in [0, 1]; the ImageNet normalization the pretrained weights expect is folded into the
-  stem (:func:`fold_input_normalization`).
+  ``pretrained: true`` (read offline from torchvision's cache, :mod:`spade_lib.pretrained`) or
+  trained from scratch (Food-101, as Table C.9 and Kornblith et al. 2019 do). The package's
+  networks take images in [0, 1]; the ImageNet normalization the pretrained weights expect is
+  folded into the stem (:func:`spade_lib.pretrained.fold_input_normalization`).
 - **recipe** (Table C.9): :func:`spade_lib.train.make_optimizer` (SGD, momentum 0.9, the preset's
   weight decay) and :func:`spade_lib.train.learning_rate` (step decay by ``lr_gamma`` every
   ``lr_step`` epochs), cross-entropy for classes, ``BCEWithLogits`` for CelebA's 40 attributes.
@@ -52,10 +52,7 @@ CelebA metrics (multi-label, Table C.6). A predicted attribute is ``logit > 0``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import os
-import re
 import sys
 import time
 import warnings
@@ -69,16 +66,16 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torchvision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from spade_lib import config, datasets, reproducibility
+from spade_lib import config, datasets, pretrained, reproducibility
 from spade_lib.checks import check_choice
 from spade_lib.config import TRAINING_KEYS, Config
 from spade_lib.files import atomic_write
 from spade_lib.models import build_model
+from spade_lib.pretrained import load_pretrained
 from spade_lib.train import (
     TrainResult,
     _from_checkpoint,
@@ -88,110 +85,24 @@ from spade_lib.train import (
     make_optimizer,
     save_checkpoint,
 )
-from spade_lib.trojan import TrojanRule, rule_set
+from spade_lib.trojan import rule_set
 
 __all__ = [
     "PRECISIONS",
     "attack_success_multilabel",
     "build",
     "evaluate",
-    "evaluation_sets",
-    "fold_input_normalization",
-    "load_pretrained",
     "main",
-    "pretrained_file",
     "run",
     "state_path",
     "table_c10",
     "trained_model",
-    "training_rules",
-    "training_set",
 ]
 
-FULL_DATASETS = ("imagenet", "food101", "celeba")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STATE_FORMAT = "spade-train-state-1"
-# The parameters TrojanDataset plants with (trojan.apply_patches' defaults, the paper's values).
-_PLANT_SCALE, _PLANT_ALPHA = 0.25, 0.8
 # Purpose codes of the per-sample / per-epoch random streams (like trojan.PLANT).
-_AUGMENT, _EPOCH_RNG, _SUBSET = 0xA467, 0xE90C, 0x5B5E
-_TORCHVISION = {"tv_resnet50": "resnet50", "tv_mobilenetv2": "mobilenet_v2",
-                "tv_convnext_t": "convnext_tiny"}
-_HASH = re.compile(r"-([a-f0-9]+)\.")
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
-
-
-def _check_full(cfg: Config) -> Path:
-    """The data folder of a full-scale ``cfg``; errors name the bad value and what is allowed."""
-    if cfg.dataset not in FULL_DATASETS:
-        raise ValueError(f"dataset {cfg.dataset!r}: the full-scale trainer takes "
-                         f"{', '.join(FULL_DATASETS)}; 'fashion-mnist' trains with "
-                         "spade_lib.train")
-    if cfg.data_dir is None:
-        raise ValueError(f"dataset {cfg.dataset!r} (preset {cfg.name!r}) needs the real data: "
-                         "give --data-dir DIR or the config key data_dir (only the embedded "
-                         "'fashion-mnist' benchmark ships with the package)")
-    if (cfg.patch_scale, cfg.patch_alpha) != (_PLANT_SCALE, _PLANT_ALPHA):
-        raise ValueError(
-            f"patch_scale {cfg.patch_scale} and patch_alpha {cfg.patch_alpha}: TrojanDataset "
-            f"plants at the paper's {_PLANT_SCALE} and {_PLANT_ALPHA} (Appendix C); allowed: "
-            "those values")
-    return Path(cfg.data_dir)
-
-
-def training_rules(cfg: Config) -> tuple[TrojanRule, ...]:
-    """The preset's Trojan rules (``cfg.rules``) each at the preset's rate ``cfg.trojan_fraction``
-    (none when it is 0: a clean model)."""
-    if cfg.trojan_fraction == 0:
-        return ()
-    return tuple(dataclasses.replace(r, fraction=cfg.trojan_fraction) for r in rule_set(cfg.rules))
-
-
-class _Subset(Dataset):
-    """Samples ``indices`` of ``base``, keeping ``targets`` (which TrojanDataset needs)."""
-
-    def __init__(self, base: Dataset, indices: np.ndarray) -> None:
-        self.base, self.indices = base, np.asarray(indices, dtype=np.int64)
-        self.targets = base.targets[self.indices]
-        self.classes = getattr(base, "classes", None)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.base[int(self.indices[i])]
-
-
-def _split(cfg: Config, split: str, size: int | None) -> Dataset:
-    root = _check_full(cfg)
-    if cfg.dataset == "celeba":
-        base = datasets.celeba(root, split, cfg.image_size)
-    else:
-        base = datasets.image_folder(root, split, cfg.image_size)
-    if size is not None and size < len(base):
-        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, _SUBSET]))
-        base = _Subset(base, np.sort(rng.choice(len(base), size, replace=False)))
-    return base
-
-
-def training_set(cfg: Config) -> datasets.TrojanDataset:
-    """The training split (``cfg.train_size`` of it, a seeded subset, if set) with the Trojans of
-    :func:`training_rules` planted by :class:`~spade_lib.datasets.TrojanDataset`.
-
-    Raises
-    ------
-    ValueError
-        If the dataset is not a full-scale one, ``data_dir`` is unset, or a rule has too few
-        eligible samples (:func:`spade_lib.trojan.assign_poison`).
-    FileNotFoundError
-        If the data are not where ``data_dir`` says (the message names the path).
-    """
-    return datasets.TrojanDataset.for_training(_split(cfg, "train", cfg.train_size),
-                                               training_rules(cfg), cfg.seed)
+_AUGMENT, _EPOCH_RNG = 0xA467, 0xE90C
 
 
 def _num_outputs(cfg: Config, base: Dataset) -> int:
@@ -224,138 +135,6 @@ class _Augmented(Dataset):
             padded = nn.functional.pad(image[None], (s,) * 4, mode="reflect")[0]
             image = padded[:, dy:dy + h, dx:dx + w]
         return image, target
-
-
-# --------------------------------------------------------------------------------------------
-# Pretrained weights
-# --------------------------------------------------------------------------------------------
-
-
-def pretrained_file(arch: str) -> tuple[Path, str, str]:
-    """Where torchvision keeps the ImageNet weights of ``arch``, offline.
-
-    Returns
-    -------
-    path : Path
-        ``<torch hub dir>/checkpoints/<file>`` (``~/.cache/torch/hub/checkpoints`` unless
-        ``TORCH_HOME`` says otherwise), where ``torchvision.models.get_model(..., weights=...)``
-        stores its download.
-    weights : str
-        The torchvision weights' name, e.g. ``"ResNet50_Weights.IMAGENET1K_V2"``.
-    url : str
-        Where torchvision downloads the file from.
-    """
-    if arch not in _TORCHVISION:
-        raise ValueError(f"pretrained weights exist only for {', '.join(_TORCHVISION)}, not "
-                         f"{arch!r}")
-    weights = torchvision.models.get_model_weights(_TORCHVISION[arch]).DEFAULT
-    name = weights.url.rsplit("/", 1)[-1]
-    path = Path(torch.hub.get_dir()) / "checkpoints" / name
-    return path, f"{type(weights).__name__}.{weights.name}", weights.url
-
-
-def _pretrained_check(arch: str, path: str | os.PathLike | None) -> Path:
-    """torchvision's weights file for ``arch`` (``path``, else the hub cache), checked.
-
-    The file must be torchvision's own: its SHA-256 starts with the hash in the file name of the
-    download URL (torch.hub's check), so the checkpoint cache key (``pretrained: true``) always
-    means the same weights.
-
-    Raises
-    ------
-    FileNotFoundError
-        No file: the message names the exact path to put it at and the torchvision weights.
-    ValueError
-        The file is not torchvision's (another SHA-256).
-    """
-    default, weights, url = pretrained_file(arch)
-    file = Path(path) if path is not None else default
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"pretrained weights for {arch} ({weights}) not found at {file}. This machine works "
-            f"offline: download {url} elsewhere (or run `python -c \"import torchvision; "
-            f"torchvision.models.get_model('{_TORCHVISION[arch]}', weights='{weights}')\"` on a "
-            f"machine with internet, which stores it in ~/.cache/torch/hub/checkpoints/) and "
-            f"copy the file to {default}, or pass --pretrained-path FILE")
-    expected = _HASH.search(url.rsplit("/", 1)[-1]).group(1)
-    sha = hashlib.sha256()
-    with open(file, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            sha.update(chunk)
-    if not sha.hexdigest().startswith(expected):
-        raise ValueError(f"{file} is not torchvision's {weights} file: its SHA-256 starts with "
-                         f"{sha.hexdigest()[:len(expected)]}, expected {expected} (from {url})")
-    return file
-
-
-def _pretrained_state(arch: str, path: str | os.PathLike | None) -> dict[str, Tensor]:
-    """The checked weights of :func:`_pretrained_check`, loaded on the CPU."""
-    return torch.load(_pretrained_check(arch, path), map_location="cpu", weights_only=True)
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@torch.no_grad()
-def fold_input_normalization(model: nn.Module, mean: Sequence[float] = IMAGENET_MEAN,
-                             std: Sequence[float] = IMAGENET_STD) -> nn.Module:
-    """Make ``model`` take images in [0, 1] that it took normalized, ``(x - mean) / std``.
-
-    The stem convolution ``W`` (the first ``Conv2d``) becomes ``W / std`` (per input channel) and
-    the constant ``c = sum W * mean / std`` moves into its bias, or, for a bias-free conv followed
-    by BatchNorm (ResNet50, MobileNetV2), into the BatchNorm's running mean. Exact where the
-    stem's window lies inside the image (ConvNeXt's 4x4 stride-4 stem has no padding, so exact
-    everywhere); on a zero-padded border the folded net sees 0 where the original saw
-    ``-mean / std``, a one-pixel difference that fine-tuning absorbs. Changes ``model`` in place
-    and returns it.
-    """
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    if not convs or convs[0].in_channels != len(mean):
-        raise ValueError(f"the first Conv2d of {type(model).__name__} must take {len(mean)} "
-                         "channels to fold the input normalization into it")
-    conv = convs[0]
-    scale = torch.tensor(std, dtype=conv.weight.dtype).reshape(1, -1, 1, 1)
-    shift = torch.tensor(mean, dtype=conv.weight.dtype).reshape(1, -1, 1, 1)
-    conv.weight.div_(scale)
-    offset = (conv.weight * shift).sum(dim=(1, 2, 3))
-    if conv.bias is not None:
-        conv.bias.sub_(offset)
-        return model
-    modules = list(model.modules())
-    after = next((m for m in modules[modules.index(conv) + 1:]
-                  if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
-    if after is None or after.running_mean is None:
-        raise ValueError(f"the stem conv of {type(model).__name__} has no bias and no BatchNorm "
-                         "after it to take the normalization's offset")
-    after.running_mean.add_(offset)
-    return model
-
-
-def load_pretrained(model: nn.Module, arch: str, state: dict[str, Tensor]) -> nn.Module:
-    """Load torchvision's ImageNet ``state`` into ``model`` (from :func:`build_model` for ``arch``)
-    and fold the normalization into its stem (:func:`fold_input_normalization`).
-
-    The classifier head is loaded only when its shape matches (1000 classes); otherwise it keeps
-    its fresh (seeded) initialization, as fine-tuning to CelebA's 40 attributes needs. Changes
-    ``model`` in place and returns it.
-
-    Raises
-    ------
-    ValueError
-        If any weight other than the head is missing or has another shape.
-    """
-    own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    skipped = sorted(set(own) - set(usable))
-    head = {"tv_resnet50": "fc.", "tv_mobilenetv2": "classifier.1.",
-            "tv_convnext_t": "classifier.2."}[arch]
-    wrong = [k for k in skipped if not k.startswith(head)]
-    if wrong:
-        raise ValueError(f"the pretrained {arch} weights do not fit the model: {wrong[:5]} "
-                         "missing or of another shape")
-    model.load_state_dict(usable, strict=False)
-    return fold_input_normalization(model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,7 +217,7 @@ def build(cfg: Config, num_classes: int, pretrained_path: str | os.PathLike | No
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, num_classes, cfg.width, cfg.image_size)
     if cfg.pretrained or pretrained_path is not None:
-        load_pretrained(model, cfg.arch, _pretrained_state(cfg.arch, pretrained_path))
+        load_pretrained(model, cfg.arch, pretrained.load_state(cfg.arch, pretrained_path))
     return model
 
 
@@ -480,7 +259,8 @@ def run(cfg: Config, out: str | os.PathLike | None = None, resume: bool = False,
         N GPUs train the one-GPU recipe. SyncBatchNorm has no CPU kernel: gloo runs keep
         per-process statistics (a warning says so when the model has BatchNorm).
     pretrained_path
-        torchvision's weights file, when it is not in torchvision's cache (:func:`pretrained_file`).
+        torchvision's weights file, when it is not in torchvision's cache
+        (:func:`spade_lib.pretrained.pretrained_file`).
     progress
         Show the progress bar (rank 0 only).
 
@@ -490,9 +270,9 @@ def run(cfg: Config, out: str | os.PathLike | None = None, resume: bool = False,
         The trained model (on the CPU, eval mode) with its Table C.10 numbers on every rank, or
         ``None`` when ``stop_after`` ended the run early.
     """
-    _check_full(cfg)
+    datasets.check_full(cfg)
     if cfg.pretrained or pretrained_path is not None:
-        _pretrained_check(cfg.arch, pretrained_path)  # fail before any data is read
+        pretrained.checked_file(cfg.arch, pretrained_path)  # fail before any data is read
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be >= 1 epoch or None, got {stop_after!r}")
     if workers < 0:
@@ -514,7 +294,7 @@ def _run(cfg: Config, world: _World, out: Path, resume: bool, stop_after: int | 
         raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must divide by the "
                          f"number of processes {world.size}")
     device, dtype = world.device, _precision(precision, world.device)
-    train_set = training_set(cfg)
+    train_set = datasets.training_set(cfg)
     num_classes = _num_outputs(cfg, train_set.base)
     per_rank = cfg.batch_size // world.size
     steps = len(train_set) // cfg.batch_size
@@ -689,7 +469,7 @@ def evaluate(model: nn.Module, cfg: Config, split: str = "val", world: _World | 
     """
     world = world or _World(0, 1, next(model.parameters()).device, False)
     check_choice(split, ("train", "val", "test"), "split")
-    base = _split(cfg, split, cfg.test_size)
+    base = datasets.full_split(cfg, split, cfg.test_size)
     rules = tuple(rule_set(cfg.rules))
     poisoned = datasets.TrojanDataset.for_testing(base, rules, cfg.seed, per_rule=cfg.test_size)
     poisoned.return_mask = False
@@ -767,29 +547,6 @@ def table_c10(cfg: Config, model: nn.Module | None = None, split: str = "val",
     rows.append({"data": "Trojan (mean of rules)",
                  "accuracy (%)": 100 * float(np.nanmean(list(success.values())))})
     return pd.DataFrame([{"model": cfg.arch, "dataset": cfg.dataset, **r} for r in rows])
-
-
-def evaluation_sets(cfg: Config, split: str = "val"
-                    ) -> tuple[datasets.CleanView, datasets.PoisonedView]:
-    """The clean ``split`` of a full-scale ``cfg`` (ImageNet, Food-101, CelebA) and its patched
-    copies, as the evaluation reads them (:func:`spade_lib.samples.evaluation_samples`).
-
-    The patched set is :meth:`~spade_lib.datasets.TrojanDataset.for_testing` of the whole split
-    with ``cfg.rules``: every eligible image once per rule, its patch drawn from ``cfg.seed``, the
-    image, and the exact patch pixels, read from the files only when asked for.
-
-    Raises
-    ------
-    ValueError
-        A dataset that is not full scale, or no ``data_dir``.
-    FileNotFoundError
-        The split is not where ``data_dir`` says.
-    """
-    check_choice(split, ("train", "val", "test"), "split")
-    base = _split(cfg, split, None)
-    test = datasets.CleanView(base)
-    poisoned = datasets.TrojanDataset.for_testing(base, tuple(rule_set(cfg.rules)), cfg.seed)
-    return test, datasets.PoisonedView(poisoned)
 
 
 def _out_features(model: nn.Module) -> int:
