@@ -308,15 +308,20 @@ def automatic_rater(folder: str | Path, model: nn.Module, image_size: int,
         raise ValueError(f"margin must be >= 0, got {margin!r}")
     folder = Path(folder)
     tasks = pd.read_csv(folder / "tasks.csv")
-    model = model.eval()
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
     choices = []
-    for task in tasks["task_id"]:
-        images = torch.stack([_read(folder / "images" / f"{task}-{part}.png", image_size)
-                              for part in ("vis", "left", "right")])
-        f = F.normalize(_features(model, images), dim=1)
-        left, right = float(f[0] @ f[1]), float(f[0] @ f[2])
-        choices.append("decline" if abs(left - right) < margin
-                       else ("left" if left > right else "right"))
+    try:
+        for task in tasks["task_id"]:
+            images = torch.stack([_read(folder / "images" / f"{task}-{part}.png", image_size)
+                                  for part in ("vis", "left", "right")])
+            f = F.normalize(_features(model, images), dim=1)
+            left, right = float(f[0] @ f[1]), float(f[0] @ f[2])
+            choices.append("decline" if abs(left - right) < margin
+                           else ("left" if left > right else "right"))
+    finally:
+        for module, flag in flags:  # the model is the user's: its modes come back as they were
+            module.training = flag
     out = tasks[["task_id", "sample", "neuron_kind", "visualization", "neuron"]].copy()
     out.insert(0, "rater", rater)
     out["choice"] = choices

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
 from spade_lib import config, study, study_tasks, train
 
@@ -86,7 +87,8 @@ def test_score_cam_releases_its_hooks_and_leaves_the_model() -> None:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory):
     cfg = config.load("smoke")
-    return cfg, study_tasks.build_tasks(cfg, n=2, steps=4, progress=False)
+    # rebuilt: a folder left in the shared cache by older code must not stand in for the build
+    return cfg, study_tasks.build_tasks(cfg, n=2, steps=4, progress=False, rebuild=True)
 
 
 def test_build_tasks_writes_a_folder_the_app_accepts(folder) -> None:
@@ -122,6 +124,27 @@ def test_automatic_rater_answers_every_task(folder) -> None:
     assert set(answers["choice"]) <= {"left", "right", "decline"}
     assert (answers["correct"] == (answers["choice"] == answers["correct_side"])).all()
     never = study_tasks.automatic_rater(path, model, cfg.image_size, margin=np.inf)
+    # a network whose penultimate features are each image's mean colour: the rater must pick the
+    # crop whose mean colour points the visualization's way, and decline within the margin
+    colour = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 10)).train()
+
+    def mean_colour(task: str, part: str) -> np.ndarray:
+        return study_tasks._read(path / "images" / f"{task}-{part}.png", 16).mean((1, 2)).numpy()
+
+    gaps = {}
+    for task in answers["task_id"]:
+        v, left, right = (mean_colour(task, p) for p in ("vis", "left", "right"))
+        cos = [float(v @ c / np.linalg.norm(v) / np.linalg.norm(c)) for c in (left, right)]
+        gaps[task] = cos[0] - cos[1]
+    margin = float(np.median(np.abs(list(gaps.values()))))
+    got = study_tasks.automatic_rater(path, colour, 16, margin=margin).set_index("task_id")
+    for task, gap in gaps.items():
+        if abs(abs(gap) - margin) < 1e-6:
+            continue  # on the margin itself, float32 against float64 may go either way
+        want = "decline" if abs(gap) < margin else "left" if gap > 0 else "right"
+        assert got.loc[task, "choice"] == want, (task, gap, margin)
+    assert "decline" in set(got["choice"]) and set(got["choice"]) - {"decline"}
+    assert colour.training and all(m.training for m in colour.modules()), "modes restored"
     assert (never["choice"] == "decline").all()
     with pytest.raises(ValueError, match="margin"):
         study_tasks.automatic_rater(path, model, cfg.image_size, margin=-1)
