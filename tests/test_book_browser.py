@@ -159,8 +159,8 @@ def test_every_chapter_is_built(site: Path) -> None:
     human = (site / "human_evaluation.html").read_text()
     assert "No human answers exist yet" in human and "automatic rater" in human
     assert "Verdict, on the automatic rater" in human
-    assert all((site / "_images" / name).exists() or name in human
-               for name in ("instructions.png", "task.png"))
+    for name in ("instructions.png", "task.png"):  # the app's screenshots, served with the page
+        assert (site / "_images" / name).is_file() and f'src="_images/{name}"' in human, name
 
 
 def test_map_browser_reacts_to_sample_and_method(server: str) -> None:
@@ -269,7 +269,13 @@ def _settle(page) -> None:
           return area && area.classList.contains("widget-subarea") && area.childElementCount;
         })""", timeout=30_000)
     page.wait_for_function("[...document.images].every(i => i.complete)", timeout=30_000)
-    page.wait_for_timeout(300)  # the widget manager lays its images out after they load
+    # the widget manager lays its images out after they load: wait until every image's width is
+    # the same over two animation frames (no fixed delay, which a loaded machine can outlast)
+    page.wait_for_function("""() => new Promise(done => {
+        const widths = () => [...document.images].map(i => i.getBoundingClientRect().width);
+        const first = widths().join();
+        requestAnimationFrame(() => requestAnimationFrame(() => done(widths().join() === first)));
+      })""", timeout=30_000)
 
 
 def test_every_picture_and_table_is_readable_at_1300_px(server: str,

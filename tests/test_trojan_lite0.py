@@ -57,11 +57,13 @@ def test_finetune_trains_late_stages_only_and_is_cached(tmp_path) -> None:
     moved = [n for n in tuned if n.startswith("net.classifier")
              and not torch.equal(tuned[n], original[n])]
     assert moved, "the classifier did not change"
+    late = [n for n in tuned if n.startswith("net.blocks.") and n.endswith("weight")
+            and int(n.split(".")[2]) >= TINY.train_from and not torch.equal(tuned[n], original[n])]
+    assert late, "no stage from train_from on was trained"
     # batch norm keeps ImageNet's statistics
     assert torch.equal(tuned["net.bn2.running_mean"], original["net.bn2.running_mean"])
     scores = result.scores.set_index("images")
     assert list(scores.index) == ["clean", *(r.name for r in TINY.rules)]
-    assert 0 <= scores.loc["clean", "original_agreement"] <= 100
     assert "false triggers" in trojan_lite0.scores_sentence(result.scores)
     shown = trojan_lite0.scores_table(result.scores).data
     assert list(shown.columns) == list(trojan_lite0.SCORE_HEADERS.values())
