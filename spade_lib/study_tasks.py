@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from spade_lib import data, train, variants, visualize, widgets
 from spade_lib import samples as samples_mod
 from spade_lib.config import Config
+from spade_lib.hessians import eval_mode
 from spade_lib.study import NEURON_KINDS, TASK_COLUMNS, VISUALIZATIONS
 
 __all__ = ["KINDS", "STEPS", "TASK_COLUMNS", "VISUALIZATIONS", "accuracy_table",
@@ -308,10 +309,8 @@ def automatic_rater(folder: str | Path, model: nn.Module, image_size: int,
         raise ValueError(f"margin must be >= 0, got {margin!r}")
     folder = Path(folder)
     tasks = pd.read_csv(folder / "tasks.csv")
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     choices = []
-    try:
+    with eval_mode(model):  # the model is the user's: its modes come back as they were
         for task in tasks["task_id"]:
             images = torch.stack([_read(folder / "images" / f"{task}-{part}.png", image_size)
                                   for part in ("vis", "left", "right")])
@@ -319,9 +318,6 @@ def automatic_rater(folder: str | Path, model: nn.Module, image_size: int,
             left, right = float(f[0] @ f[1]), float(f[0] @ f[2])
             choices.append("decline" if abs(left - right) < margin
                            else ("left" if left > right else "right"))
-    finally:
-        for module, flag in flags:  # the model is the user's: its modes come back as they were
-            module.training = flag
     out = tasks[["task_id", "sample", "neuron_kind", "visualization", "neuron"]].copy()
     out.insert(0, "rater", rater)
     out["choice"] = choices

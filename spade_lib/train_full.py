@@ -74,6 +74,7 @@ from spade_lib import config, datasets, pretrained, reproducibility
 from spade_lib.checks import check_choice
 from spade_lib.config import TRAINING_KEYS, Config
 from spade_lib.files import atomic_write
+from spade_lib.hessians import eval_mode
 from spade_lib.models import build_model
 from spade_lib.pretrained import load_pretrained
 from spade_lib.train import (
@@ -476,10 +477,8 @@ def evaluate(model: nn.Module, cfg: Config, split: str = "val", world: _World | 
     truth = torch.as_tensor(np.asarray(base.targets))
     batch = batch_size or max(1, cfg.batch_size // world.size)
     autocast = (torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext())
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     counts = torch.zeros(2 + 2 * len(rules), dtype=torch.float64)
-    try:
+    with eval_mode(model):
         for which, data in ((0, base), (1, poisoned)):
             mine = list(range(world.rank, len(data), world.size))
             loader = _loader(torch.utils.data.Subset(_Numbered(data), mine), batch, workers,
@@ -499,9 +498,6 @@ def evaluate(model: nn.Module, cfg: Config, split: str = "val", world: _World | 
                     hit = logits.argmax(1) == y
                 counts[2:2 + len(rules)] += torch.bincount(k[hit], minlength=len(rules)).double()
                 counts[2 + len(rules):] += torch.bincount(k, minlength=len(rules)).double()
-    finally:
-        for module, flag in flags:
-            module.training = flag
     if world.distributed:
         counts = counts.to(world.device)
         dist.all_reduce(counts)
