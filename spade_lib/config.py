@@ -71,7 +71,10 @@ class Config:
     test_size: int | None = field(default=None, metadata={"min": 10})
     # Trojans
     rules: RuleSet = "fashion"
-    tuning_rules: RuleSet = "fashion-tuning"
+    # the sparsity search's held-out rules: a held-out model is trained with them; None (the
+    # full-scale presets): no held-out model, the search runs on the evaluated model with Trojan
+    # copies of training images, never evaluated (the paper's "search on a validation set")
+    tuning_rules: RuleSet | None = "fashion-tuning"
     trojan_fraction: float = field(default=0.025, metadata={"min": 0.0, "max": 0.25})
     patch_scale: float = field(default=0.25, metadata={"min": 0.05, "max": 0.5})
     patch_alpha: float = field(default=0.8, metadata={"min": 0.1, "max": 1.0})
@@ -194,6 +197,17 @@ def _check_sparsity(value: Any) -> None:
         raise ValueError(f"config key 'sparsity': {e}") from None
 
 
+def _check_tuning_rules(dataset: str, tuning_rules: str | None) -> None:
+    """The Fashion-MNIST held-out rules name Fashion-MNIST's classes: a full-scale dataset needs
+    ``null`` or a rule set of its own classes."""
+    if dataset != "fashion-mnist" and tuning_rules in ("fashion", "fashion-tuning"):
+        raise ValueError(
+            f"config key 'tuning_rules': {tuning_rules!r} holds Fashion-MNIST's classes, but the "
+            f"dataset is {dataset!r}; allowed: null (the search runs on the evaluated model with "
+            "Trojan copies of training images, as the paper's search on a validation set) or a "
+            "held-out rule set of the dataset's own classes")
+
+
 def _check_methods(methods: list[str], key: str = "methods") -> None:
     from spade_lib.attribution import available
 
@@ -239,6 +253,8 @@ def from_dict(data: Mapping[str, Any]) -> Config:
         clean[key] = value
     if "sparsity" in clean:
         _check_sparsity(clean["sparsity"])
+    _check_tuning_rules(clean.get("dataset", FIELDS["dataset"].default),
+                        clean.get("tuning_rules", FIELDS["tuning_rules"].default))
     if "methods" in clean:
         _check_methods(clean["methods"])
     if clean.get("search_methods") is not None:
@@ -328,3 +344,44 @@ def from_namespace(preset: str, namespace: Mapping[str, Any]) -> Config:
                         f"{type(namespace).__name__}")
     overrides = {k: namespace[k] for k in FIELDS if namespace.get(k) is not None}
     return load(preset, **overrides)
+
+
+SIBLINGS = {"MobileNetV2-style": ("mobilenetv2", "mobilenetv2"),
+            "ConvNeXt-style": ("convnext", "convnext-t")}
+"""The other architectures of chapter B (Tables B.3, B.4) and F, with the suffix of their preset
+after a small preset's name and after a full-scale ``*-resnet50`` preset's base."""
+
+
+def sibling_presets(preset: str | os.PathLike) -> dict[str, str | None]:
+    """The presets of the other architectures that go with ``preset``, by label of
+    :data:`SIBLINGS`; ``None`` where there is none.
+
+    A preset name ``NAME`` has ``NAME-mobilenetv2`` and ``NAME-convnext`` in ``params/``; a
+    full-scale ``BASE-resnet50`` has ``BASE-mobilenetv2`` and ``BASE-convnext-t`` (the paper's
+    Tables B.3 and B.4 exist for ImageNet and CelebA, not Food-101). A YAML path's siblings are
+    the files named so in the same folder.
+
+    >>> sibling_presets("imagenet-resnet50")["ConvNeXt-style"]
+    'imagenet-convnext-t'
+    """
+    text = os.fspath(preset)
+    path = Path(text)
+    is_path = path.suffix in (".yaml", ".yml") or os.sep in text
+    folder, stem = (path.parent, path.stem) if is_path else (PARAMS_DIR, text)
+    full = stem.endswith("-resnet50")
+    base = stem[:-len("-resnet50")] if full else stem
+    out: dict[str, str | None] = {}
+    for label, (small, large) in SIBLINGS.items():
+        file = folder / f"{base}-{large if full else small}{path.suffix if is_path else '.yaml'}"
+        out[label] = (str(file) if is_path else file.stem) if file.is_file() else None
+    return out
+
+
+def load_sibling(cfg: Config, preset: str | os.PathLike, **overrides: Any) -> Config:
+    """Load a sibling ``preset`` of ``cfg`` (:func:`sibling_presets`) with ``overrides``; on the
+    same dataset it reads the data where ``cfg`` does (``cfg.data_dir``, e.g. from ``-p
+    data_dir``), unless ``overrides`` say otherwise."""
+    sibling = load(preset, **overrides)
+    if cfg.data_dir is not None and sibling.dataset == cfg.dataset and "data_dir" not in overrides:
+        sibling = sibling.replace(data_dir=cfg.data_dir)
+    return sibling

@@ -95,7 +95,8 @@ def trojan_accuracy(model: nn.Module, cfg: Config,
 
 
 FULL_SCALE_PRESETS = ("imagenet-resnet50", "celeba-resnet50", "food101-resnet50",
-                      "imagenet-mobilenetv2", "imagenet-convnext-t")
+                      "imagenet-mobilenetv2", "celeba-mobilenetv2", "imagenet-convnext-t",
+                      "celeba-convnext-t")
 """The full-scale presets of Table C.9, in its order."""
 
 
@@ -111,11 +112,11 @@ def recipe(cfg: Config) -> dict[str, Any]:
 
 
 def recipe_table(cfg: Config) -> pd.DataFrame:
-    """Table C.9, indexed by preset: ``cfg``, its small siblings ``<name>-mobilenetv2`` and
-    ``<name>-convnext`` where ``params/`` has them, then :data:`FULL_SCALE_PRESETS`."""
-    small = [f"{cfg.name}-{kind}" for kind in ("mobilenetv2", "convnext")]
-    small = [name for name in small if (config.PARAMS_DIR / f"{name}.yaml").exists()]
-    rows = [recipe(cfg)] + [recipe(config.load(name)) for name in [*small, *FULL_SCALE_PRESETS]]
+    """Table C.9, indexed by preset: ``cfg``, its siblings in ``params/``
+    (:func:`spade_lib.config.sibling_presets`), then the other :data:`FULL_SCALE_PRESETS`."""
+    siblings = [n for n in config.sibling_presets(cfg.name).values() if n is not None]
+    names = dict.fromkeys(n for n in [*siblings, *FULL_SCALE_PRESETS] if n != cfg.name)
+    rows = [recipe(cfg)] + [recipe(config.load(name)) for name in names]
     return pd.DataFrame(rows).set_index("preset")
 
 

@@ -26,6 +26,8 @@ def test_full_presets_mirror_table_c9() -> None:
         "imagenet-mobilenetv2": (0.001, 3, 6, 1 / 3000, 64),
         "imagenet-convnext-t": (0.001, 3, 6, 1 / 3000, 64),
         "celeba-resnet50": (0.01, 10, 20, 1 / 300, 64),
+        "celeba-mobilenetv2": (0.1, 10, 20, 1 / 300, 64),
+        "celeba-convnext-t": (0.01, 10, 20, 1 / 300, 64),
         "food101-resnet50": (0.01, 50, 150, 1 / 3000, 64),
     }
     for name, (lr, step, epochs, fraction, batch) in c9.items():
@@ -35,6 +37,40 @@ def test_full_presets_mirror_table_c9() -> None:
     assert config.load("food101-resnet50").weight_decay == 0.0005
     assert config.load("imagenet-convnext-t").augment == "convnext"
     assert "LRP" not in config.load("imagenet-mobilenetv2").methods
+    for name in c9:  # no held-out model at full scale: the search tunes on training images
+        assert config.load(name).tuning_rules is None, name
+    for name in ("celeba-mobilenetv2", "celeba-convnext-t"):  # the same as ImageNet's siblings
+        cfg, imagenet = config.load(name), config.load(name.replace("celeba", "imagenet"))
+        assert (cfg.arch, cfg.sparsity, cfg.augment, cfg.methods) == (
+            imagenet.arch, imagenet.sparsity, imagenet.augment, imagenet.methods)
+
+
+def test_fashion_tuning_rules_are_refused_on_full_scale_data() -> None:
+    with pytest.raises(ValueError, match="'tuning_rules': 'fashion-tuning'.*'imagenet'.*null"):
+        config.load("smoke", dataset="imagenet")
+    assert config.load("smoke", dataset="imagenet", tuning_rules=None).tuning_rules is None
+    assert config.load("imagenet-resnet50", tuning_rules="imagenet").tuning_rules == "imagenet"
+
+
+def test_sibling_presets_by_name_and_by_path(tmp_path) -> None:
+    assert config.sibling_presets("cpu") == {"MobileNetV2-style": "cpu-mobilenetv2",
+                                             "ConvNeXt-style": "cpu-convnext"}
+    assert config.sibling_presets("imagenet-resnet50") == {
+        "MobileNetV2-style": "imagenet-mobilenetv2", "ConvNeXt-style": "imagenet-convnext-t"}
+    assert config.sibling_presets("celeba-resnet50")["ConvNeXt-style"] == "celeba-convnext-t"
+    # the paper has no Food-101 MobileNetV2 or ConvNeXt-T
+    assert config.sibling_presets("food101-resnet50") == {"MobileNetV2-style": None,
+                                                          "ConvNeXt-style": None}
+    main = tmp_path / "mine.yaml"
+    main.write_text("base: smoke\ndata_dir: /here\n")
+    (tmp_path / "mine-convnext.yaml").write_text("base: smoke-convnext\n")
+    assert config.sibling_presets(main) == {"MobileNetV2-style": None,
+                                            "ConvNeXt-style": str(tmp_path / "mine-convnext.yaml")}
+    # a sibling on the same dataset reads the data where the main preset does
+    cfg = config.load("imagenet-resnet50", data_dir="/data/imagenet")
+    assert config.load_sibling(cfg, "imagenet-convnext-t").data_dir == "/data/imagenet"
+    assert config.load_sibling(cfg, "imagenet-convnext-t", data_dir="/b").data_dir == "/b"
+    assert config.load_sibling(cfg, "celeba-convnext-t").data_dir is None
 
 
 def test_overrides_apply_and_are_validated() -> None:

@@ -219,3 +219,7 @@ def test_recipe_table() -> None:
     assert row["momentum"] == cfg.momentum and table.loc["cpu-convnext", "momentum"] == "-"
     assert table.loc["imagenet-resnet50", "dataset"] == config.load("imagenet-resnet50").dataset
     assert list(train.recipe_table(config.load("smoke")).index)[:1] == ["smoke"]
+    # a full-scale preset: its own siblings next to it, then the rest of Table C.9, once each
+    full = list(train.recipe_table(config.load("celeba-resnet50")).index)
+    assert full[:3] == ["celeba-resnet50", "celeba-mobilenetv2", "celeba-convnext-t"]
+    assert sorted(full) == sorted(train.FULL_SCALE_PRESETS)
