@@ -4,7 +4,9 @@ Trains (or loads) the held-out model ``cfg.replace(rules=cfg.tuning_rules)``, ru
 search of Section 3.2 on ``cfg.tuning_samples`` of its Trojan samples and writes
 ``params/PRESET-search.json``: the schedule, the per-step trace, the held-out model's accuracy and
 the times. The evaluation model is never loaded. Copy the printed line into the preset so the main
-table uses the found schedule.
+table uses the found schedule. A full-scale preset (``tuning_rules: null``) has no held-out model:
+the search tunes the evaluated model on Trojan copies of training images
+(:func:`spade_lib.search.tuning_model`).
 
     python scripts/search.py cpu
 """
@@ -17,7 +19,6 @@ import time
 from pathlib import Path
 
 from spade_lib import config, results, search
-from spade_lib.train import trained_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def main() -> None:
     cfg = config.load(args.preset)
     out = Path(args.out or ROOT / "params" / f"{cfg.name}-search.json")
 
-    held_out = trained_model(cfg.replace(rules=cfg.tuning_rules))
+    held_out = search.tuning_model(cfg)
     model = held_out.model.to(cfg.torch_device())
     samples = results.tuning_samples(cfg, model)
     start = time.perf_counter()

@@ -31,7 +31,6 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from spade_lib import scenes
 from spade_lib.config import Config
 from spade_lib.files import atomic_write
 from spade_lib.glm_path import (
@@ -43,6 +42,13 @@ from spade_lib.glm_path import (
     select_point,
 )
 from spade_lib.models import device_of, fingerprint
+from spade_lib.samples import (
+    PoisonedTestSet,
+    TestSet,
+    TrainingSet,
+    evaluation_sets,
+    training_split,
+)
 
 __all__ = ["DATA_KEYS", "EVAL_BATCH", "FIT_DEFAULTS", "PATH_COLUMNS", "SparseFC",
            "SparseFCCacheError", "cache_key", "final_linear", "fit_path", "select_point",
@@ -162,10 +168,11 @@ def final_linear(model: nn.Module) -> str:
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def _features(net: nn.Module, head: str, images: Tensor, device: str, progress: bool,
+def _features(net: nn.Module, head: str, images: Any, ids: Tensor, device: str, progress: bool,
               desc: str) -> tuple[Tensor, Tensor]:
-    """Inputs of ``head`` and outputs of ``net`` (eval mode) for uint8 or [0, 1] images, on the
-    CPU; checks that the model returns ``head``'s output unchanged."""
+    """Inputs of ``head`` and outputs of ``net`` (eval mode) for images ``ids`` of ``images``
+    (anything with ``float_images(ids)``: [0, 1] images, read a batch at a time), on the CPU;
+    checks that the model returns ``head``'s output unchanged."""
     layer = net.get_submodule(head)
     seen: dict[str, Tensor] = {}
 
@@ -175,10 +182,9 @@ def _features(net: nn.Module, head: str, images: Tensor, device: str, progress: 
     handle = layer.register_forward_hook(hook)
     feats, logits = [], []
     try:
-        for start in tqdm(range(0, len(images), EVAL_BATCH), desc=desc, disable=not progress,
+        for start in tqdm(range(0, len(ids), EVAL_BATCH), desc=desc, disable=not progress,
                           mininterval=2.0):
-            batch = images[start:start + EVAL_BATCH]
-            batch = batch.float().div_(255.0) if batch.dtype == torch.uint8 else batch.float()
+            batch = images.float_images(ids[start:start + EVAL_BATCH]).float()
             out = net(batch.to(device))
             if not isinstance(out, Tensor) or "y" not in seen or not torch.equal(out, seen["y"]):
                 raise ValueError(
@@ -227,7 +233,7 @@ def _replace_head(model: nn.Module, head: str, weight: Tensor, bias: Tensor) -> 
     return model.eval()
 
 
-def _success(pred: Tensor, poisoned: scenes.PoisonedSet) -> dict[str, float]:
+def _success(pred: Tensor, poisoned: PoisonedTestSet) -> dict[str, float]:
     return {rule.name: float((pred[poisoned.rule == i] == poisoned.labels[poisoned.rule == i])
                              .float().mean()) for i, rule in enumerate(poisoned.rules)}
 
@@ -255,7 +261,7 @@ def sparse_fc(cfg: Config, model: nn.Module, *, progress: bool = True, cache: bo
 
     1. Features: the inputs of the final ``nn.Linear`` (:func:`final_linear`) of a copy of
        ``model`` in eval mode, on the training images of ``cfg`` exactly as the model was
-       trained on them (:func:`spade_lib.scenes.load_scenes`, Trojan patches and overridden
+       trained on them (:func:`spade_lib.samples.training_split`, Trojan patches and overridden
        labels included; no augmentation), at most ``max_images`` of them (a seeded random
        subset), of which a seeded ``val_fraction`` is held out for validation.
     2. Fit: glm-saga's elastic-net path (:func:`fit_path`) on standardized features, from the
@@ -309,8 +315,7 @@ def sparse_fc(cfg: Config, model: nn.Module, *, progress: bool = True, cache: bo
         If ``model`` is not a module or an option is unknown.
     ValueError
         If an option is out of range (the message names it and its value), the model has no
-        ``nn.Linear`` or does not return its output, or ``cfg.dataset`` is not the embedded
-        benchmark.
+        ``nn.Linear`` or does not return its output, or the preset is multi-label (CelebA).
     """
     start = time.perf_counter()
     head = final_linear(model)
@@ -325,13 +330,16 @@ def sparse_fc(cfg: Config, model: nn.Module, *, progress: bool = True, cache: bo
         except SparseFCCacheError as e:
             warnings.warn(f"{e}. Fitting it again.", stacklevel=2)
 
-    train_set, test_set = scenes.load_scenes(cfg)
+    train_set = training_split(cfg)
+    test_set, poisoned = evaluation_sets(cfg)
+    if train_set.labels.ndim != 1:
+        raise ValueError("Sparse FC fits a multi-class GLM (one class per image); a multi-label "
+                         "preset (CelebA) has 40 binary attributes per image")
     device = cfg.torch_device()
     net = copy.deepcopy(model).to(device).eval()
     path, chosen, weight, bias, info, seconds = _fit(cfg, net, head, train_set, shape[0], o,
                                                     device, progress)
     t2 = time.perf_counter()
-    poisoned = scenes.poisoned_test(test_set, cfg.rules, seed=cfg.seed)
     dense_accuracy, accuracy, dense_success, success = _test_scores(
         net, head, weight, bias, test_set, poisoned, device, progress)
     sparse = _replace_head(net, head, weight, bias)
@@ -363,15 +371,15 @@ def _from_cache(state: dict[str, Any], model: nn.Module, head: str, file: Path) 
         dict(state["dense_attack_success"]), state["constant_features"], file)
 
 
-def _fit(cfg: Config, net: nn.Module, head: str, train_set: scenes.SceneSet, n_classes: int,
+def _fit(cfg: Config, net: nn.Module, head: str, train_set: TrainingSet, n_classes: int,
          o: dict[str, Any], device: str, progress: bool,
          ) -> tuple[pd.DataFrame, dict[str, Any], Tensor, Tensor, dict[str, Any], dict[str, float]]:
     """Features of the seeded fit/validation split, the path, and its chosen point:
     ``(path, chosen, weight, bias, info, {"features": s, "fit": s})``."""
     t0 = time.perf_counter()
     fit_idx, val_idx = _split(len(train_set), o, cfg.seed)
-    images = train_set.images[torch.cat([fit_idx, val_idx])]
-    feats, _ = _features(net, head, images, device, progress, "Sparse FC features")
+    feats, _ = _features(net, head, train_set, torch.cat([fit_idx, val_idx]), device, progress,
+                         "Sparse FC features")
     x, x_val = feats[:len(fit_idx)], feats[len(fit_idx):]
     y, y_val = train_set.labels[fit_idx], train_set.labels[val_idx]
     t1 = time.perf_counter()
@@ -388,14 +396,15 @@ def _fit(cfg: Config, net: nn.Module, head: str, train_set: scenes.SceneSet, n_c
 
 
 def _test_scores(net: nn.Module, head: str, weight: Tensor, bias: Tensor,
-                 test_set: scenes.SceneSet, poisoned: scenes.PoisonedSet, device: str,
+                 test_set: TestSet, poisoned: PoisonedTestSet, device: str,
                  progress: bool) -> tuple[float, float, dict[str, float], dict[str, float]]:
     """Clean accuracy and attack success per rule of the dense ``net`` and of its sparse head,
     from one pass of features: ``(dense_accuracy, accuracy, dense_success, success)``."""
     new_head = linear_layer(weight, bias).requires_grad_(False)
     preds = {}
-    for name, images in (("clean", test_set.images), ("poisoned", poisoned.images)):
-        feats, logits = _features(net, head, images, device, progress, f"Sparse FC {name} test")
+    for name, images in (("clean", test_set), ("poisoned", poisoned)):
+        feats, logits = _features(net, head, images, torch.arange(len(images)), device, progress,
+                                  f"Sparse FC {name} test")
         # the head on the same batches as models.predict: the sparse model's logits, bit for bit
         sparse_logits = torch.cat([new_head(feats[i:i + EVAL_BATCH])
                                    for i in range(0, len(feats), EVAL_BATCH)])

@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from spade_lib.config import Config
 
 __all__ = ["FULL_DATASETS", "CelebA", "CleanView", "ImageFolder", "PoisonedView", "TrojanDataset",
-           "celeba", "check_full", "evaluation_sets", "full_split", "image_folder",
-           "training_rules", "training_set"]
+           "TrainingView", "celeba", "check_full", "evaluation_sets", "full_split",
+           "image_folder", "training_rules", "training_set"]
 
 _FULL_SPLITS = ("train", "val", "test")
 
@@ -437,6 +437,50 @@ class CleanView:
         """Images ``indices`` (default: all), float ``[n, 3, S, S]`` in [0, 1]."""
         ids = range(len(self)) if indices is None else _ids(indices, len(self))
         return torch.stack([self.base[i][0] for i in ids])
+
+
+class TrainingView:
+    """A full-scale training split, with its planted Trojans, as the embedded benchmark's
+    training :class:`~spade_lib.scenes.SceneSet` is read (the many-image pruning sources of
+    :mod:`spade_lib.sources`, Sparse FC's features in :mod:`spade_lib.baselines`).
+
+    Image ``i`` is ``trojan[i]``: training image ``i`` as the model was trained on it, patched
+    when it carries a rule; read from its file when asked for.
+
+    Attributes
+    ----------
+    trojan : TrojanDataset
+        The planted split (:meth:`TrojanDataset.for_training`).
+    rules : tuple of TrojanRule
+    rule : torch.Tensor
+        int64 ``[N]``, each image's rule (-1: clean).
+    clean_labels, labels : torch.Tensor
+        int64 ``[N]`` (CelebA: ``[N, 40]``): each image's true label and the label it was trained
+        with (the rule's target where a patch was planted).
+    masks
+        Indexable like a bool ``[N, S, S]`` tensor: the exact pixels of each planted patch.
+    """
+
+    def __init__(self, trojan: TrojanDataset) -> None:
+        self.trojan = trojan
+        self.masks = _LazyMasks(TrojanDataset(trojan.base, trojan.rules, trojan.index,
+                                              trojan.rule, trojan.seed, return_mask=True))
+        self.rules = trojan.rules
+        self.rule = torch.as_tensor(trojan.rule, dtype=torch.int64)
+        self.clean_labels = torch.as_tensor(_targets(trojan.base)[trojan.index],
+                                            dtype=torch.int64)
+        self.labels = self.clean_labels.clone()
+        for k, rule in enumerate(self.rules):
+            self.labels[self.rule == k] = torch.as_tensor(rule.target, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.trojan)
+
+    def float_images(self, indices: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Training images ``indices`` (default: all), as trained on, float ``[n, 3, S, S]`` in
+        [0, 1]."""
+        ids = range(len(self)) if indices is None else _ids(indices, len(self))
+        return torch.stack([self.trojan[i][0] for i in ids])
 
 
 class _LazyMasks:

@@ -368,8 +368,11 @@ def benchmark_neurons(cfg: Any, model: nn.Module, samples: Any,
                       steps: int | None = None) -> list[NeuronExample]:
     """Figure G.8 on the benchmark's model: per rule its first evaluation sample (patched) and
     the same test image without the patch, pruned with ``cfg``'s SPADE settings; cached."""
-    from spade_lib.data import FASHION_CLASSES
+    from spade_lib.samples import class_names
 
+    if samples.multilabel:
+        raise ValueError("Figure G.8 visualizes a Trojan target's class neuron; a multi-label "
+                         "preset (CelebA) has attribute vectors as targets, not classes")
     steps = chapter_steps(cfg, steps)
     table = samples.table
     first = [int(table.index[table["rule"] == k][0]) for k in sorted(set(table["rule"]))]
@@ -382,7 +385,9 @@ def benchmark_neurons(cfg: Any, model: nn.Module, samples: Any,
         trojans = samples.poisoned.float_images(rows["sample"].tolist())
         clean = samples.test.float_images(rows["test_index"].tolist())
         rules = [samples.poisoned.rules[int(k)] for k in rows["rule"]]
-        return neuron_examples(model, rules, clean, trojans, FASHION_CLASSES, spade,
+        names = class_names(samples.test) or [
+            f"class {k}" for k in range(1 + max(int(r.target) for r in rules))]
+        return neuron_examples(model, rules, clean, trojans, names, spade,
                                steps=steps, seed=cfg.seed)
 
     return cached(cfg.cache_path("examples", f"benchmark-neurons-{key}.pt"), compute)

@@ -32,11 +32,18 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from spade_lib import attribution, data, metrics, reproducibility, results
+from spade_lib import attribution, metrics, reproducibility, results
 from spade_lib.checks import check_positive_int
 from spade_lib.config import Config
 from spade_lib.models import fingerprint, predict
-from spade_lib.samples import Samples, TableRows, evaluation_samples, sample_seed
+from spade_lib.samples import (
+    Samples,
+    TableRows,
+    TestSet,
+    evaluation_samples,
+    evaluation_sets,
+    sample_seed,
+)
 from spade_lib.store import ResultStore, open_store, run_resumable
 from spade_lib.trace import trace
 
@@ -95,7 +102,7 @@ class CleanImages(TableRows):
     """
 
     table: pd.DataFrame
-    test: data.SceneSet
+    test: TestSet
 
 
 def clean_images(cfg: Config, model: nn.Module, n: int) -> CleanImages:
@@ -105,7 +112,10 @@ def clean_images(cfg: Config, model: nn.Module, n: int) -> CleanImages:
     is ``model``'s; it is what the protocol explains, right or wrong.
     """
     n = check_positive_int(n, "n (number of clean images)")
-    _, test = data.load_scenes(cfg)
+    test, _ = evaluation_sets(cfg)
+    if test.clean_labels.ndim != 1:
+        raise ValueError("the clean-image protocol explains the predicted class; a multi-label "
+                         "preset (CelebA) has attributes, not one class per image")
     pool = np.flatnonzero(test.rule.numpy() == -1)
     rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), 0xC1EA2]))
     ids = np.sort(rng.permutation(pool)[:n])

@@ -420,7 +420,7 @@ class ArchitectureRun:
 
 
 def other_architecture(preset: str, samples: int | None = None,
-                       progress: bool = True) -> ArchitectureRun:
+                       progress: bool = True, main: Config | None = None) -> ArchitectureRun:
     """Table B.2 for another architecture's preset, with the book's policy.
 
     Trains (or loads) the preset's model; a network whose clean accuracy is under
@@ -439,10 +439,15 @@ def other_architecture(preset: str, samples: int | None = None,
         Overrides the preset's ``samples`` when given.
     progress
         Show progress bars.
+    main
+        The chapter's own config: the sibling then reads its data where ``main`` does
+        (:func:`spade_lib.config.load_sibling`).
     """
     from spade_lib.train import trained_model
 
-    cfg = config.load(preset, **({"samples": samples} if samples is not None else {}))
+    overrides = {"samples": samples} if samples is not None else {}
+    cfg = (config.load(preset, **overrides) if main is None
+           else config.load_sibling(main, preset, **overrides))
     trained = trained_model(cfg, progress=progress)
     if trained.clean_accuracy < MIN_ACCURACY:
         return ArchitectureRun(cfg, trained, None, math.nan)

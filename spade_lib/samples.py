@@ -10,7 +10,7 @@ one sample, and :func:`isd_donor` picks the other image of the ISD control (Tabl
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,9 +24,10 @@ from spade_lib.config import Config
 from spade_lib.models import predict
 
 __all__ = [
-    "SAMPLE_COLUMNS", "PoisonedTestSet", "Samples", "TableRows", "TestSet", "decision",
+    "SAMPLE_COLUMNS", "PoisonedTestSet", "Samples", "TableRows", "TestSet", "TrainingSet",
+    "class_names", "decision", "label_text",
     "decision_label", "evaluation_samples", "evaluation_sets", "filter_table", "is_multilabel",
-    "isd_donor", "sample_seed", "select_samples", "tuning_samples",
+    "isd_donor", "sample_seed", "select_samples", "training_split", "tuning_samples",
 ]
 
 TestSet = data.SceneSet | datasets.CleanView
@@ -34,6 +35,10 @@ TestSet = data.SceneSet | datasets.CleanView
 
 PoisonedTestSet = data.PoisonedSet | datasets.PoisonedView
 """Patched test images: the embedded scenes', or a full-scale split's (read lazily)."""
+
+TrainingSet = data.SceneSet | datasets.TrainingView
+"""A training split as trained on (Trojans planted): the embedded scenes, or a full-scale split
+read lazily from its files."""
 
 SAMPLE_COLUMNS = ("sample", "rule", "rule_name", "clean_label", "target", "test_index")
 """Columns of :attr:`Samples.table`: ``sample`` is the position in the poisoned set, ``rule`` the
@@ -143,14 +148,48 @@ class Samples(TableRows):
         return cls(table, poisoned, test)
 
 
+def class_names(test: TestSet) -> list[str] | None:
+    """The names of ``test``'s outputs, in index order: Fashion-MNIST's classes for the embedded
+    scenes; for a full-scale split its folders' names, ImageNet's descriptions where the folders
+    are ImageNet-1k's 1000 WordNet ids (``n01440764`` -> "tench, Tinca tinca", from ``timm``),
+    or CelebA's 40 attributes; ``None`` where the set has no names."""
+    if not isinstance(test, datasets.CleanView):
+        return list(data.FASHION_CLASSES)
+    names = test.classes
+    if names is not None and len(names) == 1000 and all(
+            len(n) == 9 and n[0] == "n" and n[1:].isdigit() for n in names):
+        from spade_lib.models import imagenet_classes
+
+        return imagenet_classes()
+    return names
+
+
+def label_text(test: TestSet) -> Callable[[int | Sequence[int]], str]:
+    """How a label of ``test`` is written in a table or a caption: Fashion-MNIST's
+    ``"9/Ankle boot"`` (:func:`spade_lib.data.class_label`), ``"146/albatross"`` from
+    :func:`class_names`, ``"class 146"`` without names, and a multi-label target (CelebA's
+    attribute vector) as the attributes it sets, ``"Bangs, Smiling"``."""
+    if not isinstance(test, datasets.CleanView):
+        return data.class_label
+    names = class_names(test)
+
+    def text(label: int | Sequence[int]) -> str:
+        if isinstance(label, (int, np.integer)):
+            k = int(label)
+            return f"{k}/{names[k]}" if names is not None and 0 <= k < len(names) else f"class {k}"
+        on = [i for i, bit in enumerate(label) if bit]
+        return ", ".join(names[i] if names is not None else f"attribute {i}" for i in on) or "none"
+
+    return text
+
+
 def decision_label(samples: Samples, position: int) -> str:
     """The decision that sample ``position`` explains, for a caption: ``"Coat -> Bag"`` (true
     class -> Trojan target, named from the test set's classes: Fashion-MNIST's, the folders', or
     ``"class 146"`` where a set has no name for an index), or for a multi-label sample the
     attribute and its flip, ``"Smiling 0 -> 1"``."""
     info = samples.table.iloc[position]
-    names = (samples.test.classes if isinstance(samples.test, datasets.CleanView)
-             else data.FASHION_CLASSES)
+    names = class_names(samples.test)
 
     def name(i: int, kind: str) -> str:
         return names[i] if names is not None and 0 <= i < len(names) else f"{kind} {i}"
@@ -331,6 +370,19 @@ def evaluation_sets(cfg: Config) -> tuple[TestSet, PoisonedTestSet]:
     return datasets.evaluation_sets(cfg)
 
 
+def training_split(cfg: Config) -> TrainingSet:
+    """The training split of ``cfg`` as its model was trained on it, Trojans planted.
+
+    The embedded benchmark's training scenes (:func:`spade_lib.data.load_scenes`), or for a
+    full-scale preset :func:`spade_lib.datasets.training_set` read lazily from ``data_dir``
+    (:class:`~spade_lib.datasets.TrainingView`). Offers ``rules``, ``rule``, ``labels``,
+    ``clean_labels`` and ``float_images(indices)``.
+    """
+    if cfg.dataset == "fashion-mnist":
+        return data.load_scenes(cfg)[0]
+    return datasets.TrainingView(datasets.training_set(cfg))
+
+
 def evaluation_samples(cfg: Config, model: nn.Module, n: int | None | str = "config") -> Samples:
     """Samples of the evaluation rules (``cfg.rules``) for ``model``: ``cfg.samples`` of them
     (``n="config"``), ``n`` of them, or every test image that passes the filter (``None``), from
@@ -340,10 +392,26 @@ def evaluation_samples(cfg: Config, model: nn.Module, n: int | None | str = "con
 
 
 def tuning_samples(cfg: Config, model: nn.Module) -> Samples:
-    """``cfg.tuning_samples`` samples of the held-out rules (``cfg.tuning_rules``) for ``model``,
-    the held-out model ``trained_model(cfg.replace(rules=cfg.tuning_rules))``."""
-    held_out = cfg.replace(rules=cfg.tuning_rules)
-    test, poisoned = evaluation_sets(held_out)
+    """``cfg.tuning_samples`` samples for the sparsity search, never evaluated.
+
+    With held-out rules (``cfg.tuning_rules`` set), samples of those rules on the test images
+    for the held-out model ``trained_model(cfg.replace(rules=cfg.tuning_rules))``. Without
+    (``None``, the full-scale presets), samples of ``cfg.rules`` for the evaluated model, made
+    from the *training* split of a full-scale dataset (the evaluation reads the validation
+    split), the paper's "search on a validation set".
+
+    Raises
+    ------
+    ValueError
+        ``tuning_rules`` is ``None`` on the embedded benchmark (its search needs held-out rules).
+    """
+    if cfg.tuning_rules is None:
+        if cfg.dataset == "fashion-mnist":
+            raise ValueError("tuning_rules is None, but the embedded benchmark's search needs "
+                             "held-out rules; allowed: a rule set, e.g. 'fashion-tuning'")
+        test, poisoned = datasets.evaluation_sets(cfg, split="train")
+    else:
+        test, poisoned = evaluation_sets(cfg.replace(rules=cfg.tuning_rules))
     return select_samples(model, test, poisoned, cfg.tuning_samples, cfg.seed)
 
 

@@ -387,6 +387,9 @@ class SearchResult:
 
 
 def _check_held_out(cfg: Config, samples: results.Samples) -> None:
+    if cfg.tuning_rules is None:
+        # no held-out model: the tuning samples are the training split's (samples.tuning_samples)
+        return
     if cfg.rules == cfg.tuning_rules:
         raise ValueError(f"cfg.rules and cfg.tuning_rules are both {cfg.rules!r}; the search "
                          "needs a held-out rule set")
@@ -419,11 +422,12 @@ def search_sparsity(
     cfg
         Gives the pruner, augmentations, seed and the defaults below.
     model
-        The HELD-OUT Trojan model (default: ``trained_model(cfg.replace(rules=cfg.tuning_rules))``
-        on ``cfg.torch_device()``).
+        The HELD-OUT Trojan model (default: :func:`tuning_model`, on ``cfg.torch_device()``):
+        ``trained_model(cfg.replace(rules=cfg.tuning_rules))``, or the evaluated model itself
+        when ``cfg.tuning_rules`` is ``None`` (full-scale presets).
     samples
-        Tuning samples of that model (default :func:`spade_lib.results.tuning_samples`); samples
-        carrying the evaluation rules are refused.
+        Tuning samples of that model (default :func:`spade_lib.results.tuning_samples`); with
+        held-out rules, samples carrying the evaluation rules are refused.
     methods
         Saliency methods averaged in the score (default ``cfg.search_methods``, else
         ``cfg.methods``).
@@ -448,10 +452,7 @@ def search_sparsity(
     methods = list(search_methods(cfg) if methods is None else methods)
     results.check_methods(methods, method_options)
     if model is None:
-        from spade_lib.train import trained_model
-
-        held_out = trained_model(cfg.replace(rules=cfg.tuning_rules), progress=progress)
-        model = held_out.model.to(cfg.torch_device())
+        model = tuning_model(cfg, progress).model.to(cfg.torch_device())
     if samples is None:
         samples = results.tuning_samples(cfg, model)
     if not isinstance(samples, results.Samples) or len(samples) == 0:
@@ -495,6 +496,18 @@ def search_sparsity(
     return result
 
 
+def tuning_model(cfg: Config, progress: bool = True) -> Any:
+    """The model the sparsity search tunes on (a :class:`spade_lib.train.TrainResult`): the
+    held-out model trained with ``cfg.tuning_rules``, or, when those are ``None`` (full-scale
+    presets), the evaluated model ``trained_model(cfg)``, whose tuning samples then come from the
+    training split (:func:`spade_lib.samples.tuning_samples`)."""
+    from spade_lib.train import trained_model
+
+    if cfg.tuning_rules is None:
+        return trained_model(cfg, progress=progress)
+    return trained_model(cfg.replace(rules=cfg.tuning_rules), progress=progress)
+
+
 def search_methods(cfg: Config) -> list[str]:
     """The methods the search scores with: ``cfg.search_methods``, else ``cfg.methods``."""
     return list(cfg.search_methods if cfg.search_methods is not None else cfg.methods)
@@ -528,9 +541,7 @@ def saved_search(cfg: Config, progress: bool = True) -> tuple[SearchResult, dict
         if record.get("digest") == search_digest(cfg):
             return SearchResult.from_dict(record["result"]), {"source": "saved",
                                                               "path": str(path), **record}
-    from spade_lib.train import trained_model
-
-    held_out = trained_model(cfg.replace(rules=cfg.tuning_rules), progress=progress)
+    held_out = tuning_model(cfg, progress)
     found = search_sparsity(cfg, held_out.model.to(cfg.torch_device()), progress=progress)
     return found, {"source": "run now", "held_out_model": {
         "clean_accuracy": held_out.clean_accuracy, "attack_success": held_out.attack_success,

@@ -20,10 +20,9 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
-from spade_lib import scenes
 from spade_lib.checks import check_positive_int
 from spade_lib.config import Config
-from spade_lib.samples import Samples, isd_donor
+from spade_lib.samples import Samples, TrainingSet, isd_donor, training_split
 
 __all__ = ["MANY", "PAPER_IMAGES", "SINGLE", "SOURCES", "check_source", "many_images",
            "pool_sizes", "single_image"]
@@ -126,7 +125,7 @@ def _group(samples: Samples, position: int, source: str) -> tuple[str, str]:
     return "all", "all"
 
 
-def _pool(train: scenes.SceneSet, kind: str, value: str) -> np.ndarray:
+def _pool(train: TrainingSet, kind: str, value: str) -> np.ndarray:
     if kind == "rule":
         names = [r.name for r in train.rules]
         if value not in names:
@@ -146,7 +145,8 @@ def many_images(cfg: Config, samples: Samples, position: int, source: str,
     Parameters
     ----------
     cfg
-        Gives the training split (:func:`spade_lib.scenes.load_scenes`) and the seed.
+        Gives the training split (:func:`spade_lib.samples.training_split`: the embedded
+        scenes, or a full-scale preset's training images read from ``data_dir``) and the seed.
     samples, position
         The sample (its rule for MST, its true class for MSC).
     source
@@ -164,8 +164,11 @@ def many_images(cfg: Config, samples: Samples, position: int, source: str,
     if source not in MANY:
         raise ValueError(f"source {source!r} uses one image; use single_image (many-image "
                          f"sources: {', '.join(MANY)})")
+    if source == "MSC" and samples.multilabel:
+        raise ValueError("source 'MSC' picks its images by class; a multi-label set (CelebA) has "
+                         "attributes, not classes: allowed there: 'ISI', 'MST', 'MSD'")
     count = check_positive_int(count, "count (images per many-image source)")
-    train, _ = scenes.load_scenes(cfg)
+    train = training_split(cfg)
     kind, value = _group(samples, position, source)
     pool = _pool(train, kind, value)
     if len(pool) == 0:
@@ -184,9 +187,11 @@ def pool_sizes(cfg: Config, samples: Samples, count: int = PAPER_IMAGES) -> pd.D
     of the samples share it).
     """
     count = check_positive_int(count, "count (images per many-image source)")
-    train, _ = scenes.load_scenes(cfg)
+    train = training_split(cfg)
     rows = []
     for source in MANY:
+        if source == "MSC" and samples.multilabel:
+            continue  # no classes on a multi-label set (many_images refuses it)
         groups = pd.Series([_group(samples, p, source) for p in range(len(samples))])
         for (kind, value), n in groups.value_counts(sort=False).items():
             available = len(_pool(train, kind, value))

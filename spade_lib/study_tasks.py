@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from spade_lib import data, train, variants, visualize, widgets
 from spade_lib import samples as samples_mod
+from spade_lib import train, variants, visualize, widgets
 from spade_lib.config import Config
 from spade_lib.hessians import eval_mode
 from spade_lib.study import NEURON_KINDS, TASK_COLUMNS, VISUALIZATIONS
@@ -217,7 +217,13 @@ def build_tasks(cfg: Config, n: int | None = None, steps: int | None = None,
     chosen = samples_mod.evaluation_samples(cfg, model, n + 1)
     if len(chosen) < n + 1:
         raise ValueError(f"only {len(chosen)} samples pass the filter; the study needs {n + 1}")
-    names = data.FASHION_CLASSES
+    if chosen.multilabel:
+        raise ValueError("the study shows class neurons (true class and Trojan target); a "
+                         "multi-label preset (CelebA) has attributes, not classes")
+    names = samples_mod.class_names(chosen.test)
+    if names is None:
+        names = [f"class {k}" for k in range(max(int(chosen.table[c].max())
+                                                 for c in ("clean_label", "target")) + 1)]
     work = folder.with_name(folder.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     (work / "images").mkdir(parents=True)

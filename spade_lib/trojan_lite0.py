@@ -42,8 +42,7 @@ from spade_lib import files, models, photos, reproducibility
 from spade_lib.trojan import TrojanRule, apply_patches
 
 __all__ = ["LITE0_RULES", "SETTINGS", "TrojanLite0", "TrojanSettings", "heldout_crops",
-           "scores_sentence",
-           "patched", "trojan_lite0"]
+           "patched", "scores_sentence", "settings_name", "trojan_lite0"]
 
 LITE0_RULES: tuple[TrojanRule, ...] = (
     TrojanRule("star: Any→goose", None, 99, "star", (1.0, 0.85, 0.1)),
@@ -120,6 +119,22 @@ SETTINGS: dict[str, TrojanSettings] = {
     "cpu": TrojanSettings(),
 }
 """The fine-tune each preset's chapters use (``smoke`` only checks that everything runs)."""
+
+
+def settings_name(preset: str, chosen: str | None = None) -> str:
+    """The :data:`SETTINGS` entry a chapter at ``preset`` uses: ``chosen`` if given, else the
+    preset's own, else ``"cpu"`` (the full fine-tune; a full-scale preset's chapters use it).
+
+    Raises
+    ------
+    ValueError
+        ``chosen`` is not a key of :data:`SETTINGS`.
+    """
+    if chosen is not None:
+        if chosen not in SETTINGS:
+            raise ValueError(f"no Trojan Lite0 settings {chosen!r}; allowed: {sorted(SETTINGS)}")
+        return chosen
+    return preset if preset in SETTINGS else "cpu"
 
 
 @dataclass
