@@ -16,93 +16,41 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import skimage.data
+import synthetic_data
 import torch
 import torchvision
 import yaml
-from PIL import Image
 from torch import nn
 
 from spade_lib import config, datasets, pretrained, train, train_full
 from spade_lib.trojan import rule_set
 
 ROOT = Path(__file__).resolve().parent.parent
-CELEBA_ATTRIBUTES = (
-    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
-    "Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee "
-    "Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes "
-    "No_Beard Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling "
-    "Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace "
-    "Wearing_Necktie Young").split()
 PER_CLASS = {"train": 16, "val": 4}
-
-
-def _crops(photos, n: int, side: int, seed: int) -> list[np.ndarray]:
-    """``n`` random ``side``-pixel crops (uint8 HWC), cycling through ``photos``."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        photo = photos[i % len(photos)]
-        h, w = photo.shape[:2]
-        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        out.append(np.ascontiguousarray(photo[top:top + side, left:left + side, :3]))
-    return out
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """ImageNet's layout (``train/<class>/*.png``, ``val/<class>/*.png``): class ``n0`` cut from
-    the cat and coffee photos, class ``n1`` from the astronaut and the rocket, 64 px crops of the
-    photos shrunk to 128 px on the short side."""
-    root = tmp_path_factory.mktemp("folder")
-    sources = {"n0": (skimage.data.chelsea(), skimage.data.coffee()),
-               "n1": (skimage.data.astronaut(), skimage.data.rocket())}
-    for c, (name, photos) in enumerate(sources.items()):
-        small = []
-        for p in photos:
-            im = Image.fromarray(p)
-            scale = 128 / min(im.size)
-            small.append(np.asarray(im.resize((round(im.width * scale),
-                                                round(im.height * scale)))))
-        for s, (split, n) in enumerate(PER_CLASS.items()):
-            for i, crop in enumerate(_crops(small, n, 64, seed=10 * c + s)):
-                path = root / split / name / f"{name}_{i:03d}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(crop).save(path)
-    return root
+    """ImageNet's layout, two classes, 16 train and 4 val images each (tests/synthetic_data)."""
+    return synthetic_data.image_folder(tmp_path_factory.mktemp("folder"), PER_CLASS)
 
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory) -> tuple[Path, np.ndarray]:
-    """CelebA's official layout: ``img_align_celeba/000001.jpg...``, ``list_attr_celeba.txt``
-    (count, the 40 names, ``file`` then -1/1 per attribute) and ``list_eval_partition.txt``
-    (0 train, 1 val, 2 test): 16 train, 4 val and 4 test images (44 x 54, CelebA's aspect)."""
+    """CelebA's official layout: 16 train, 4 val and 4 test images, and their attributes."""
     root = tmp_path_factory.mktemp("celeba")
-    photos = (skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee())
-    n = 24
-    attrs = np.random.default_rng(1).integers(0, 2, size=(n, 40))
-    rows, parts = [str(n), " ".join(CELEBA_ATTRIBUTES)], []
-    for i, crop in enumerate(_crops(photos, n, 200, seed=5)):
-        name = f"{i + 1:06d}.jpg"
-        path = root / "img_align_celeba" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(crop).resize((44, 54)).save(path, quality=90)
-        rows.append(name + " " + " ".join(" 1" if a else "-1" for a in attrs[i]))
-        parts.append(f"{name} {0 if i < 16 else 1 if i < 20 else 2}")
-    (root / "list_attr_celeba.txt").write_text("\n".join(rows) + "\n")
-    (root / "list_eval_partition.txt").write_text("\n".join(parts) + "\n")
-    return root, attrs
+    return root, synthetic_data.celeba_folder(root, (16, 4, 4))
 
 
 def _preset(tmp_path: Path, data_dir: Path, **changes) -> Path:
     """A tiny preset YAML: the ImageNet recipe's keys at toy sizes. ``convnext`` (LayerNorm, no
     BatchNorm, no dropout) so each sample's computation does not depend on its batch."""
     keys = {"seed": 0, "dataset": "imagenet", "data_dir": str(data_dir), "image_size": 32,
-            "rules": "fashion", "trojan_fraction": 0.0625, "patch_scale": 0.25,
-            "patch_alpha": 0.8, "arch": "convnext", "width": 4, "pretrained": False,
-            "epochs": 2, "batch_size": 8, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0005,
-            "lr_step": 1, "lr_gamma": 0.5, "device": "cpu", "cache_dir": str(tmp_path / "cache"),
-            **changes}
+            "rules": "fashion", "tuning_rules": None, "trojan_fraction": 0.0625,
+            "patch_scale": 0.25, "patch_alpha": 0.8, "arch": "convnext", "width": 4,
+            "pretrained": False, "epochs": 2, "batch_size": 8, "lr": 0.05, "momentum": 0.9,
+            "weight_decay": 0.0005, "lr_step": 1, "lr_gamma": 0.5, "device": "cpu",
+            "cache_dir": str(tmp_path / "cache"), **changes}
     path = tmp_path / "tiny-folder.yaml"
     path.write_text(yaml.safe_dump(keys))
     return path
@@ -479,7 +427,7 @@ def test_celeba_samples_explain_an_attribute_the_patch_flips(faces, tmp_path) ->
     assert samples.filter_table(chosen).loc["All rules", "pass the filter"] == len(expected)
     first = chosen.table.iloc[0]
     assert samples.decision_label(chosen, 0) == (
-        f"{CELEBA_ATTRIBUTES[int(first['target'])]} {first['clean_label']} -> "
+        f"{synthetic_data.CELEBA_ATTRIBUTES[int(first['target'])]} {first['clean_label']} -> "
         f"{1 - first['clean_label']}")
     with pytest.raises(ValueError, match="one attribute per sample"):
         samples.Samples.from_ids(poisoned, test, [1, 2])
