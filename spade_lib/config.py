@@ -109,6 +109,16 @@ class Config:
     # the methods whose mean AUC the sparsity search maximizes (None: ``methods``); a preset can
     # evaluate more methods than it searched with, without invalidating its saved search
     search_methods: list[str] | None = None
+    # the preset whose per-name chapter defaults apply (chapter G's visualization steps and Trojan
+    # Lite0 fine-tune, the clean-image and Dask sample counts, the study's steps); None: this
+    # preset's own name. A tiny test preset on synthetic data says "smoke".
+    chapter_defaults: str | None = None
+
+    @property
+    def defaults_name(self) -> str:
+        """The name the chapters' per-preset defaults are looked up by: ``chapter_defaults``,
+        else ``name``."""
+        return self.chapter_defaults or self.name
 
     def replace(self, **changes: Any) -> Config:
         """Return a validated copy with ``changes`` applied."""
@@ -119,9 +129,11 @@ class Config:
         return dataclasses.asdict(self)
 
     def digest(self, keys: tuple[str, ...] | None = None) -> str:
-        """Short stable hash of the chosen fields (all but ``name``/paths/device if ``None``)."""
+        """Short stable hash of the chosen fields (all but the names, paths and device if
+        ``None``)."""
         data = self.to_dict()
-        skip = {"name", "cache_dir", "data_dir", "device", "scheduler", "workers"}
+        skip = {"name", "chapter_defaults", "cache_dir", "data_dir", "device", "scheduler",
+                "workers"}
         chosen = {k: data[k] for k in (keys or data) if k not in skip
                   and not (k in LATE_KEYS and data[k] == LATE_KEYS[k])}
         blob = json.dumps(chosen, sort_keys=True, default=str).encode()

@@ -85,7 +85,7 @@ def default_count(cfg: Config, samples: int | None = None, whole_set: bool = Fal
         return None
     if samples is not None:
         return check_positive_int(samples, "samples")
-    return DEFAULT_SAMPLES.get(cfg.name)
+    return DEFAULT_SAMPLES.get(cfg.defaults_name)
 
 
 def worker_count(cfg: Config) -> int:

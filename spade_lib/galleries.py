@@ -324,12 +324,12 @@ SMOKE_SPADE = {**LITE0_SPADE, "n_augmentations": 16}
 
 def lite0_spade(cfg: Any) -> dict[str, Any]:
     """SPADE's settings for the Trojan Lite0 at ``cfg``'s preset."""
-    return dict(SMOKE_SPADE if cfg.name == "smoke" else LITE0_SPADE)
+    return dict(SMOKE_SPADE if cfg.defaults_name == "smoke" else LITE0_SPADE)
 
 
 def chapter_steps(cfg: Any, steps: int | None = None) -> int:
     """The visualization steps chapter G uses for ``cfg`` (``steps`` if given)."""
-    return int(steps) if steps is not None else STEPS.get(cfg.name, 512)
+    return int(steps) if steps is not None else STEPS.get(cfg.defaults_name, 512)
 
 
 def lite0_examples(cfg: Any, trojan: Any, per_rule: int | None = None, candidates: int = 24,
@@ -345,7 +345,7 @@ def lite0_examples(cfg: Any, trojan: Any, per_rule: int | None = None, candidate
 
     steps = chapter_steps(cfg, steps)
     spade = lite0_spade(cfg)
-    per_rule = (1 if cfg.name == "smoke" else 2) if per_rule is None else int(per_rule)
+    per_rule = (1 if cfg.defaults_name == "smoke" else 2) if per_rule is None else int(per_rule)
     key = _key("lite0", trojan.settings.digest(), per_rule, candidates, steps, spade,
                PHOTO_METHODS, 1)
 
@@ -385,8 +385,8 @@ def benchmark_neurons(cfg: Any, model: nn.Module, samples: Any,
         trojans = samples.poisoned.float_images(rows["sample"].tolist())
         clean = samples.test.float_images(rows["test_index"].tolist())
         rules = [samples.poisoned.rules[int(k)] for k in rows["rule"]]
-        names = class_names(samples.test) or [
-            f"class {k}" for k in range(1 + max(int(r.target) for r in rules))]
+        names = class_names(samples.test, 1 + max([int(r.target) for r in rules]
+                                                  + samples.test.clean_labels.tolist()))
         return neuron_examples(model, rules, clean, trojans, names, spade,
                                steps=steps, seed=cfg.seed)
 

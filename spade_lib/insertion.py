@@ -131,7 +131,7 @@ def default_count(cfg: Config, samples: int | None = None) -> int:
     entry of :data:`DEFAULT_SAMPLES` (capped by its ``samples``), else its ``samples``."""
     if samples is not None:
         return check_positive_int(samples, "samples")
-    return min(DEFAULT_SAMPLES.get(cfg.name, cfg.samples), cfg.samples)
+    return min(DEFAULT_SAMPLES.get(cfg.defaults_name, cfg.samples), cfg.samples)
 
 
 @dataclass(frozen=True)
@@ -389,8 +389,8 @@ def evaluate(
     chosen, networks = _variant_networks(cfg, model, variants, networks, progress)
     samples = _resolve_samples(cfg, model, samples, kind)
     kind = _kind_of(samples, chosen)
-    images = samples.poisoned.images if kind == "trojan" else samples.test.images
-    resolved = (protocol or Protocol()).resolved(*images.shape[-2:])
+    height, width = samples.test.float_images([0]).shape[-2:]  # every image has this size
+    resolved = (protocol or Protocol()).resolved(height, width)
     rules = [r.name for r in samples.poisoned.rules] if kind == "trojan" else []
     key = run_key(cfg, model, kind, methods, chosen, networks, method_options, resolved, rules)
     run = _Run(cfg, model, kind, methods, chosen, networks, method_options, protocol, resolved,

@@ -208,7 +208,7 @@ def build_tasks(cfg: Config, n: int | None = None, steps: int | None = None,
     n = cfg.samples if n is None else int(n)
     if n < 1:
         raise ValueError(f"n must be >= 1 sample, got {n}")
-    steps = STEPS.get(cfg.name, 512) if steps is None else int(steps)
+    steps = STEPS.get(cfg.defaults_name, 512) if steps is None else int(steps)
     folder = _folder(cfg, n, steps)
     if (folder / "meta.json").exists() and not rebuild:
         return folder
@@ -220,10 +220,8 @@ def build_tasks(cfg: Config, n: int | None = None, steps: int | None = None,
     if chosen.multilabel:
         raise ValueError("the study shows class neurons (true class and Trojan target); a "
                          "multi-label preset (CelebA) has attributes, not classes")
-    names = samples_mod.class_names(chosen.test)
-    if names is None:
-        names = [f"class {k}" for k in range(max(int(chosen.table[c].max())
-                                                 for c in ("clean_label", "target")) + 1)]
+    names = samples_mod.class_names(chosen.test, max(int(chosen.table[c].max())
+                                                     for c in ("clean_label", "target")) + 1)
     work = folder.with_name(folder.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     (work / "images").mkdir(parents=True)

@@ -193,3 +193,16 @@ def test_where_the_evaluation_runs_does_not_change_digests() -> None:
     assert far.digest(("seed", "scheduler")) == cfg.digest(("seed",))
     with pytest.raises(ValueError, match="workers"):
         cfg.replace(workers=0)
+
+
+def test_chapter_defaults_follow_another_preset_without_changing_any_digest() -> None:
+    from spade_lib import galleries, insertion
+
+    cpu = config.load("cpu")
+    assert cpu.defaults_name == "cpu" and galleries.chapter_steps(cpu) == 512
+    tiny = cpu.replace(name="tiny-folder", chapter_defaults="smoke")
+    assert tiny.defaults_name == "smoke"
+    assert galleries.chapter_steps(tiny) == galleries.STEPS["smoke"]
+    assert insertion.default_count(tiny) == insertion.DEFAULT_SAMPLES["smoke"]
+    assert galleries.chapter_steps(cpu.replace(name="tiny-folder")) == 512
+    assert tiny.digest() == cpu.digest(), "a chapter default is not a result's key"
