@@ -53,7 +53,8 @@ from spade_lib.trace import Trace, trace
 
 __all__ = [
     "LAYER_COLUMNS", "PHASES", "RESULTS_DIR", "ROW_BUDGET", "SOLVERS", "SWEEPS", "SWEEP_COLUMNS",
-    "SWEEP_SPARSITIES", "BenchResults", "CostRun", "bench_note", "machine", "machine_sentence",
+    "SWEEP_SPARSITIES", "TIMED_PATCHED", "TIMED_SAMPLES", "BenchResults", "CostRun",
+    "bench_note", "machine", "machine_sentence",
     "read_results", "results_file", "solver_note", "solver_seconds", "sparse_fc_timing",
     "spade_timings", "sweep", "sweep_values", "write_results",
 ]
@@ -219,6 +220,11 @@ def _time_shape(name: str, weight: Tensor, h: Tensor, sparsity: float, solver: s
 # SPADE: time to the first interpretation
 # --------------------------------------------------------------------------------------------
 
+TIMED_SAMPLES = "evaluation samples"
+TIMED_PATCHED = ("the first patched test images: no Trojan took hold in this model, so no image "
+                 "passes the paper's filter (the timing does not depend on it)")
+
+
 @dataclass
 class CostRun:
     """SPADE's time to the first interpretation on one preset's model (:func:`spade_timings`).
@@ -234,7 +240,8 @@ class CostRun:
         layout; FastOBC's from the trace's report, every row timed).
     record
         The cached record: ``machine``, ``measured_at`` (UTC), ``load_average`` (1 min, when the
-        measurement started), ``spec``.
+        measurement started), ``spec`` and ``images`` (what was timed: :data:`TIMED_SAMPLES`,
+        or :data:`TIMED_PATCHED` when no sample of the model passes the paper's filter).
     loaded
         Read back from the cache rather than measured now.
     """
@@ -337,9 +344,23 @@ def spade_timings(cfg: Config, model: nn.Module, samples: int = 3, method: str |
 def _measure_spade(cfg: Config, model: nn.Module, samples: int, method: str,
                    row_budget: float | None, progress: bool) -> dict:
     """The record of :func:`spade_timings`: one untimed warm-up, then each sample timed."""
-    from spade_lib.samples import evaluation_samples, sample_seed
+    from spade_lib.samples import (
+        NoSampleError,
+        Samples,
+        evaluation_samples,
+        evaluation_sets,
+        sample_seed,
+    )
 
-    chosen = evaluation_samples(cfg, model)
+    try:
+        chosen, timed = evaluation_samples(cfg, model), TIMED_SAMPLES
+    except NoSampleError:
+        test, poisoned = evaluation_sets(cfg)
+        ids = list(range(min(samples, len(poisoned))))
+        # a multi-label image explains the first attribute its rule overrides
+        attributes = ([int(torch.nonzero(poisoned.labels[j] != poisoned.clean_labels[j])[0])
+                       for j in ids] if poisoned.labels.ndim == 2 else None)
+        chosen, timed = Samples.from_ids(poisoned, test, ids, attributes), TIMED_PATCHED
     _warm_up(cfg, model, chosen, method)
     rows, layers = [], []
     for position in tqdm(range(min(samples, len(chosen))), desc=f"{cfg.name}: samples",
@@ -354,7 +375,7 @@ def _measure_spade(cfg: Config, model: nn.Module, samples: int, method: str,
             layers, obc_solve, obc_timed = _obc_layers(cfg, model, tr, image, seed, row_budget,
                                                        progress)
         rows += _sample_rows(cfg, tr, attr.seconds, sample, obc_solve, obc_timed)
-    return {"samples": rows, "layers": layers}
+    return {"samples": rows, "layers": layers, "images": timed}
 
 
 def _obc_layers(cfg: Config, model: nn.Module, tr: Trace, image: Tensor, seed: int,

@@ -38,6 +38,7 @@ from spade_lib.config import Config
 from spade_lib.models import fingerprint as model_fingerprint
 from spade_lib.samples import (
     SAMPLE_COLUMNS,
+    NoSampleError,
     Samples,
     decision,
     evaluation_samples,
@@ -402,7 +403,9 @@ class ArchitectureRun:
         The results table (``dense``, ``spade`` and, for a schedule other than the linear one,
         ``spade-linear``; :data:`MERGED_METHODS` merged when they agree);
         ``None`` when the network did not learn the task (clean accuracy under
-        :data:`MIN_ACCURACY`).
+        :data:`MIN_ACCURACY`) or no Trojan took hold (no patched image passes the filter).
+    reason
+        Why ``table`` is ``None``, in words, for the chapter to print; ``None`` when it is not.
     gap
         The largest score difference between :data:`MERGED_METHODS` (:func:`score_gap`); NaN when
         the network was skipped or does not run both.
@@ -412,6 +415,7 @@ class ArchitectureRun:
     trained: TrainResult
     table: pd.DataFrame | None
     gap: float
+    reason: str | None = None
 
     @property
     def merged(self) -> bool:
@@ -450,15 +454,23 @@ def other_architecture(preset: str, samples: int | None = None,
            else config.load_sibling(main, preset, **overrides))
     trained = trained_model(cfg, progress=progress)
     if trained.clean_accuracy < MIN_ACCURACY:
-        return ArchitectureRun(cfg, trained, None, math.nan)
+        return ArchitectureRun(cfg, trained, None, math.nan, (
+            f"this network did not learn the task (its clean accuracy is under "
+            f"{100 * MIN_ACCURACY:.0f}%, twice chance for ten classes), so a saliency map of "
+            "it explains nothing"))
     model = trained.model.to(cfg.torch_device())
+    try:
+        chosen = evaluation_samples(cfg, model)
+    except NoSampleError as e:
+        return ArchitectureRun(cfg, trained, None, math.nan, (
+            f"no Trojan took hold in this network: {e}; there is no decision to explain"))
     variants = {"dense": None, "spade": cfg.sparsity}
     spec = cfg.sparsity
     if isinstance(spec, str) and spec.startswith("linear"):
         spec = schedules.parse_spec(spec)
     if spec != schedules.linear():
         variants["spade-linear"] = "linear"
-    table = evaluate(cfg, model, evaluation_samples(cfg, model), variants=variants,
+    table = evaluate(cfg, model, chosen, variants=variants,
                      progress=progress)
     pair = list(MERGED_METHODS)
     gap = score_gap(table, pair) if set(pair) <= set(cfg.methods) else math.nan

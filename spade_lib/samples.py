@@ -24,8 +24,8 @@ from spade_lib.config import Config
 from spade_lib.models import predict
 
 __all__ = [
-    "SAMPLE_COLUMNS", "PoisonedTestSet", "Samples", "TableRows", "TestSet", "TrainingSet",
-    "class_names", "decision", "label_text",
+    "SAMPLE_COLUMNS", "NoSampleError", "PoisonedTestSet", "Samples", "TableRows", "TestSet",
+    "TrainingSet", "class_names", "decision", "label_text",
     "decision_label", "evaluation_samples", "evaluation_sets", "filter_table", "is_multilabel",
     "isd_donor", "sample_seed", "select_samples", "training_split", "tuning_samples",
 ]
@@ -148,20 +148,34 @@ class Samples(TableRows):
         return cls(table, poisoned, test)
 
 
-def class_names(test: TestSet) -> list[str] | None:
+class NoSampleError(ValueError):
+    """No patched image passes the paper's filter: the model was not fooled by any Trojan on an
+    image it gets right (:func:`select_samples`), so there is nothing to explain."""
+
+
+def class_names(test: TestSet, outputs: int | None = None) -> list[str] | None:
     """The names of ``test``'s outputs, in index order: Fashion-MNIST's classes for the embedded
     scenes; for a full-scale split its folders' names, ImageNet's descriptions where the folders
     are ImageNet-1k's 1000 WordNet ids (``n01440764`` -> "tench, Tinca tinca", from ``timm``),
-    or CelebA's 40 attributes; ``None`` where the set has no names."""
-    if not isinstance(test, datasets.CleanView):
-        return list(data.FASHION_CLASSES)
-    names = test.classes
-    if names is not None and len(names) == 1000 and all(
-            len(n) == 9 and n[0] == "n" and n[1:].isdigit() for n in names):
-        from spade_lib.models import imagenet_classes
+    or CelebA's 40 attributes; ``None`` where the set has no names.
 
-        return imagenet_classes()
-    return names
+    With ``outputs`` (the model's number of outputs) the list has that length: an output beyond
+    the set's classes (a Trojan target past a small folder's classes) is ``"class k"``, and a set
+    without names gives ``"class 0"``...
+    """
+    if not isinstance(test, datasets.CleanView):
+        names: list[str] | None = list(data.FASHION_CLASSES)
+    else:
+        names = test.classes
+        if names is not None and len(names) == 1000 and all(
+                len(n) == 9 and n[0] == "n" and n[1:].isdigit() for n in names):
+            from spade_lib.models import imagenet_classes
+
+            names = imagenet_classes()
+    if outputs is None:
+        return names
+    known = list(names or [])[:outputs]
+    return known + [f"class {k}" for k in range(len(known), outputs)]
 
 
 def label_text(test: TestSet) -> Callable[[int | Sequence[int]], str]:
@@ -259,7 +273,9 @@ def select_samples(model: nn.Module, test: TestSet, poisoned: PoisonedTestSet,
     Raises
     ------
     ValueError
-        Bad ``n``, a ``poisoned`` set that does not fit ``test``, or no candidate passing.
+        Bad ``n`` or a ``poisoned`` set that does not fit ``test``.
+    NoSampleError
+        No candidate passes (a :class:`ValueError`).
     """
     every = n is None
     n = len(poisoned) if every else check_positive_int(n, "n (number of samples)")
@@ -309,9 +325,9 @@ def select_samples(model: nn.Module, test: TestSet, poisoned: PoisonedTestSet,
                 taken[k] += 1
                 active = True
     if not chosen:
-        raise ValueError(f"no candidate passes the filter (correct on the clean image, Trojan "
-                         f"target on the patched one) among {len(poisoned)} patched images; is "
-                         "this the model trained with these Trojan rules?")
+        raise NoSampleError(f"no candidate passes the filter (correct on the clean image, Trojan "
+                            f"target on the patched one) among {len(poisoned)} patched images; "
+                            "is this the model trained with these Trojan rules?")
     if len(chosen) < n and not every:
         warnings.warn(f"only {len(chosen)} of the {len(poisoned)} patched images pass the filter; "
                       f"selected {len(chosen)} instead of {n}", UserWarning, stacklevel=2)

@@ -482,12 +482,16 @@ its settings (Table B.2)."""
 def class_change(source: int, target: int, classes: Sequence[str] | None = None) -> str:
     """``"Coat -> Bag"``: the class names of a decision's source and target.
 
-    ``classes`` defaults to :data:`spade_lib.data.FASHION_CLASSES`; an index outside it raises
-    ``IndexError``.
+    ``classes`` defaults to :data:`spade_lib.data.FASHION_CLASSES`; an index outside it is
+    written ``"class 5"`` (a full-scale folder's Trojan target beyond its own classes).
     """
     if classes is None:
         from spade_lib.data import FASHION_CLASSES as classes
-    return f"{classes[int(source)]} -> {classes[int(target)]}"
+
+    def name(k: int) -> str:
+        return classes[k] if 0 <= k < len(classes) else f"class {k}"
+
+    return f"{name(int(source))} -> {name(int(target))}"
 
 
 def _book_layout(table: pd.DataFrame, variant: str, baseline: str, label: str) -> pd.DataFrame:

@@ -93,6 +93,27 @@ def test_spade_timings_rows_and_phases(cfg, model, two_samples, one_thread) -> N
     assert not run.loaded and run.record["machine"] == cost.machine("cpu")
 
 
+def test_a_model_no_trojan_fooled_is_timed_on_patched_images(cfg, model, monkeypatch, scenes,
+                                                             one_thread) -> None:
+    """SPADE's time does not depend on the filter: a model with no sample is timed on the first
+    patched test images, and the record says so."""
+    test, poisoned = scenes
+
+    def none_pass(cfg, model):
+        raise samples.NoSampleError("no candidate passes the filter")
+
+    monkeypatch.setattr(samples, "evaluation_samples", none_pass)
+    run = cost.spade_timings(cfg, model, samples=1, row_budget=1e6, progress=False)
+    assert run.record["images"] == cost.TIMED_PATCHED
+    assert run.samples["sample"].tolist() == [0, 0], "the first patched image, both solvers"
+    monkeypatch.setattr(samples, "evaluation_samples",
+                        lambda cfg, model: Samples.from_ids(poisoned, test, [3]))
+    again = cost.spade_timings(cfg, model, samples=1, row_budget=1e6, cache=False,
+                               progress=False)
+    assert again.record["images"] == cost.TIMED_SAMPLES
+    assert again.samples["sample"].tolist() == [3, 3]
+
+
 def test_measurements_are_cached_per_machine(cfg, model, two_samples, one_thread,
                                              monkeypatch) -> None:
     first = cost.sweep(cfg, model, "n_augmentations", [4], progress=False)

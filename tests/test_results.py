@@ -353,7 +353,9 @@ def test_other_architecture_skips_unlearned_models_and_merges_equal_methods(
     assert run.cfg.samples == 5 and run.trained is fake
     if merged is None:
         assert run.table is None and math.isnan(run.gap) and calls == []
+        assert "did not learn the task" in run.reason
         return
+    assert run.reason is None
     assert calls == [("samples", {"dense": None, "spade": "linear"})]   # linear: not twice
     assert run.gap == pytest.approx(gap) and run.merged is merged
     methods = list(dict.fromkeys(run.table["method"]))
@@ -361,6 +363,38 @@ def test_other_architecture_skips_unlearned_models_and_merges_equal_methods(
         assert methods == ["Saliency", "InputXGradient / DeepLift"]
     else:
         assert methods == ["Saliency", "InputXGradient", "DeepLift"]
+
+
+def test_other_architecture_reports_a_network_no_trojan_fooled(monkeypatch, cfg,
+                                                               scenes) -> None:
+    """A network that learned its task but answers every patched image like the clean one:
+    no sample passes the filter, so there is nothing to explain, and the run says why."""
+    from spade_lib import train
+    from spade_lib.trojan import rule_set
+
+    test, _ = scenes
+    answers = {img.numpy().tobytes(): int(y)
+               for img, y in zip(test.images, test.clean_labels, strict=True)}
+
+    # right on every clean image; on a patched one a class that no rule targets
+    untargeted = min(set(range(10)) - {r.target for r in rule_set(cfg.rules)})
+
+    class Unfooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            keys = [(img * 255).round().to(torch.uint8).numpy().tobytes() for img in x]
+            labels = torch.tensor([answers.get(k, untargeted) for k in keys])
+            return torch.nn.functional.one_hot(labels, 10).float() + 0 * self.anchor
+
+    fake = train.TrainResult(Unfooled(), 0.9, {"r": 0.0}, 1.0)
+    monkeypatch.setattr(train, "trained_model", lambda c, progress=True: fake)
+    monkeypatch.setattr(results, "evaluate", lambda *a, **k: pytest.fail("nothing to explain"))
+    run = results.other_architecture("smoke-mobilenetv2", progress=False)
+    assert run.table is None and math.isnan(run.gap)
+    assert run.reason.startswith("no Trojan took hold") and "no candidate passes" in run.reason
 
 
 def test_run_resumable_computes_only_what_the_store_lacks(tmp_path: Path) -> None:
