@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -77,12 +79,19 @@ def test_evaluate_matches_a_direct_count(cfg: config.Config, trained: train.Trai
         == direct
 
 
-def test_full_scale_preset_without_its_data_names_what_to_give(tmp_path) -> None:
+def test_full_scale_preset_without_its_data_names_what_to_give(tmp_path, monkeypatch) -> None:
     """Full scale goes to spade_lib.train_full, which needs the real data (tests/test_train_full
     trains on a synthetic folder); without it the error says how to give it."""
+    from spade_lib import datasets
+
+    monkeypatch.delenv("SPADE_DATA_DIR", raising=False)
     big = config.load("imagenet-resnet50", cache_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="'imagenet'.*needs the real data.*data_dir"):
+    with pytest.raises(ValueError, match="'imagenet'.*needs the real data.*data_dir.*"
+                                         "SPADE_DATA_DIR"):
         train.trained_model(big)
+    monkeypatch.setenv("SPADE_DATA_DIR", str(tmp_path))
+    assert datasets.check_full(big) == tmp_path, "the environment names the folder"
+    assert datasets.check_full(big.replace(data_dir="/elsewhere")) == Path("/elsewhere")
 
 
 def test_random_shift_is_a_seeded_crop_of_the_reflect_padded_image() -> None:
