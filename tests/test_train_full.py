@@ -462,3 +462,179 @@ def test_the_runner_explains_a_celeba_attribute(faces, tmp_path) -> None:
     with pytest.raises(ValueError, match="multi-label"):
         results.run_sample(cfg, model, chosen, 0, ["Saliency"],
                            [Variant("isd", 0.5, other_image=True)])
+
+
+# --------------------------------------------------------------------------------------------
+# The training split at full scale: many-image sources, Sparse FC, the search's tuning samples
+# --------------------------------------------------------------------------------------------
+
+
+def _right_on(*sets) -> _Lookup:
+    """A lookup classifier right on every clean image of ``sets`` and sending every patched one
+    to its Trojan target (a set's ``labels``, where it has them)."""
+    answers = {}
+    for s in sets:
+        labels = getattr(s, "labels", s.clean_labels)
+        for i in range(len(s)):
+            answers[s.float_images([i])[0].numpy().tobytes()] = int(labels[i])
+    return _Lookup(answers, 9)
+
+
+def test_training_view_is_the_planted_training_split(folder, tmp_path) -> None:
+    from spade_lib import samples
+
+    cfg = config.load(_preset(tmp_path, folder, trojan_fraction=0.125))
+    view, trojan = samples.training_split(cfg), datasets.training_set(cfg)
+    assert isinstance(view, datasets.TrainingView) and len(view) == len(trojan) == 32
+    assert [r.name for r in view.rules] == [r.name for r in rule_set("fashion")]
+    assert torch.equal(view.rule, torch.as_tensor(trojan.rule))
+    planted = np.flatnonzero(view.rule.numpy() >= 0)
+    assert len(planted) == 4 * 4
+    for j in [*planted.tolist(), int(np.flatnonzero(view.rule.numpy() == -1)[0])]:
+        image, target = trojan[j]
+        clean, label = trojan.base[int(trojan.index[j])]
+        assert torch.equal(view.float_images([j])[0], image)
+        assert int(view.labels[j]) == int(target) and int(view.clean_labels[j]) == label
+        mask = view.masks[j]
+        if view.rule[j] >= 0:
+            assert int(target) == view.rules[int(view.rule[j])].target != label
+            assert mask.any() and (image != clean).any(0)[mask].all()
+        else:
+            assert not mask.any() and torch.equal(image, clean)
+    smoke = samples.training_split(config.load("smoke"))
+    assert not isinstance(smoke, datasets.TrainingView) and len(smoke) == 3000
+
+
+def test_many_image_sources_draw_from_the_training_folder(folder, tmp_path) -> None:
+    from spade_lib import samples, sources
+
+    cfg = config.load(_preset(tmp_path, folder, trojan_fraction=0.125))
+    test, poisoned = samples.evaluation_sets(cfg)
+    chosen = samples.evaluation_samples(cfg, _right_on(test, poisoned), None)
+    view = samples.training_split(cfg)
+    info = chosen.table.iloc[0]
+    k = [r.name for r in view.rules].index(info["rule_name"])
+    planted = np.flatnonzero(view.rule.numpy() == k)
+    label, images = sources.many_images(cfg, chosen, 0, "MST", count=100)
+    assert label.endswith(f"n={len(planted)}")
+    assert torch.equal(images, view.float_images(planted)), "every image of the rule, in order"
+    same_class = np.flatnonzero((view.clean_labels.numpy() == int(info["clean_label"]))
+                                & (view.rule.numpy() == -1))
+    label, images = sources.many_images(cfg, chosen, 0, "MSC", count=3)
+    assert len(images) == 3 and label.endswith("n=3")
+    pool = {view.float_images([i])[0].numpy().tobytes() for i in same_class}
+    assert all(image.numpy().tobytes() in pool for image in images)
+    sizes = sources.pool_sizes(cfg, chosen, count=3).set_index(["source", "group"])
+    assert sizes.loc[("MST", f"rule={info['rule_name']}"), "available"] == len(planted)
+
+
+def test_tuning_samples_without_held_out_rules_come_from_the_training_split(
+        folder, tmp_path, monkeypatch) -> None:
+    from spade_lib import samples, search
+
+    cfg = config.load(_preset(tmp_path, folder, tuning_samples=3))
+    assert cfg.tuning_rules is None
+    train_clean, train_poisoned = datasets.evaluation_sets(cfg, split="train")
+    tuned = samples.tuning_samples(cfg, _right_on(train_clean, train_poisoned))
+    assert len(tuned) == 3 and len(tuned.test) == 32, "the 32 training images, not the 8 val"
+    files = datasets.full_split(cfg, "train")
+    for i in tuned.table["test_index"]:
+        assert torch.equal(tuned.test.float_images([int(i)])[0], files[int(i)][0])
+    # no held-out model: the search tunes on the evaluated model itself
+    seen = []
+    monkeypatch.setattr(train, "trained_model", lambda c, progress=True: seen.append(c) or c)
+    assert search.tuning_model(cfg, progress=False) is cfg and seen == [cfg]
+    held_out = search.tuning_model(config.load("smoke"), progress=False)
+    assert held_out.rules == "fashion-tuning"
+    with pytest.raises(ValueError, match="held-out rules"):
+        samples.tuning_samples(config.load("smoke", tuning_rules=None), _Lookup({}, 9))
+
+
+def test_sparse_fc_fits_on_the_planted_training_folder(folder, faces, tmp_path, monkeypatch,
+                                                       seeded) -> None:
+    from spade_lib import baselines, models, samples
+
+    cfg = config.load(_preset(tmp_path, folder, trojan_fraction=0.125))
+    model = train_full.build(cfg, 9).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fitted = []
+    real = baselines.fit_path
+
+    def record(x, y, x_val, y_val, *args, **kwargs):
+        fitted.append(torch.cat([y, y_val]))
+        return real(x, y, x_val, y_val, *args, **kwargs)
+
+    monkeypatch.setattr(baselines, "fit_path", record)
+    result = baselines.sparse_fc(cfg, model, progress=False, cache=False, n_lambdas=4,
+                                 max_epochs=5)
+    view = samples.training_split(cfg)
+    # every training image, with the labels it was trained with (Trojan targets up to class 8)
+    assert torch.equal(torch.bincount(fitted[0], minlength=9),
+                       torch.bincount(view.labels, minlength=9))
+    assert int(view.labels.max()) > 1
+    test, poisoned = samples.evaluation_sets(cfg)
+    truth = models.predict(model, test.float_images()) == test.clean_labels
+    assert result.dense_accuracy == pytest.approx(float(truth.float().mean()))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    root, _ = faces
+    celeba = config.load(_preset(tmp_path, root, dataset="celeba", rules="celeba"))
+    with pytest.raises(ValueError, match="multi-label"):
+        baselines.sparse_fc(celeba, train_full.build(celeba, 40), progress=False, cache=False)
+
+
+def test_clean_images_and_class_names_of_a_folder(folder, faces, tmp_path) -> None:
+    from spade_lib import insertion, models, samples
+
+    cfg = config.load(_preset(tmp_path, folder))
+    model = train_full.build(cfg, 9).eval()
+    clean = insertion.clean_images(cfg, model, 3)
+    test, _ = samples.evaluation_sets(cfg)
+    ids = clean.table["sample"].tolist()
+    assert len(ids) == 3 and set(ids) <= set(range(8))
+    assert clean.table["prediction"].tolist() == models.predict(
+        model, test.float_images(ids)).tolist()
+    rows = insertion.evaluate(cfg, model, clean, kind="clean", methods=["Saliency"],
+                              variants=["dense"], store=False, progress=False)
+    assert sorted(set(rows["sample"])) == ids and rows["explained"].tolist() == [
+        p for p in clean.table["prediction"].tolist() for _ in range(len(rows) // 3)]
+    assert rows["insertion"].notna().all()
+    assert samples.class_names(test) == ["n0", "n1"]
+    assert samples.class_names(test, 4) == ["n0", "n1", "class 2", "class 3"]
+    assert samples.class_names(test, 1) == ["n0"]
+    text = samples.label_text(test)
+    assert (text(1), text(5)) == ("1/n1", "class 5")
+    root, attrs = faces
+    celeba = config.load(_preset(tmp_path, root, dataset="celeba", rules="celeba"))
+    faces_test, _ = samples.evaluation_sets(celeba)
+    names = synthetic_data.CELEBA_ATTRIBUTES
+    assert samples.class_names(faces_test) == names
+    assert samples.label_text(faces_test)(attrs[0]) == ", ".join(
+        names[i] for i in np.flatnonzero(attrs[0]))
+    with pytest.raises(ValueError, match="multi-label"):
+        insertion.clean_images(celeba, train_full.build(celeba, 40), 2)
+
+
+class _WordNetFolder:
+    """Two images labelled with ImageNet-1k's 1000 WordNet ids (the folders' names)."""
+
+    def __init__(self, wnids: list[str]) -> None:
+        self.classes, self.targets = wnids, [0, 999]
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        return torch.zeros(3, 4, 4), self.targets[i]
+
+
+def test_imagenet_folders_are_named_by_their_descriptions() -> None:
+    from timm.data import ImageNetInfo
+
+    from spade_lib import models, samples
+
+    info = ImageNetInfo()
+    wnids = [info.index_to_label_name(i) for i in range(1000)]
+    view = datasets.CleanView(_WordNetFolder(wnids))
+    names = samples.class_names(view)
+    assert names == models.imagenet_classes() and len(names) == 1000
+    assert samples.label_text(view)(0) == f"0/{names[0]}"
