@@ -557,20 +557,21 @@ _SUBSET = 0x5B5E  # purpose code of the seeded subset's random stream (like troj
 
 
 def check_full(cfg: Config) -> Path:
-    """The data folder of a full-scale ``cfg``: ``cfg.data_dir``, else the ``SPADE_DATA_DIR``
-    environment variable (so ``SPADE_PRESET=imagenet-resnet50 SPADE_DATA_DIR=/data/imagenet
-    jupyter-book build book/`` builds every chapter on the real data); errors name the bad value
-    and what is allowed."""
+    """The data folder of a full-scale ``cfg``: ``cfg.data_dir``, else the ``SPADE_FULL_DATA_DIR``
+    environment variable (so ``SPADE_PRESET=imagenet-resnet50 SPADE_FULL_DATA_DIR=/data/imagenet
+    jupyter-book build book/`` builds every chapter on the real data; ``SPADE_DATA_DIR`` stays
+    the embedded benchmark's Fashion-MNIST folder); errors name the bad value and what is
+    allowed."""
     if cfg.dataset not in FULL_DATASETS:
         raise ValueError(f"dataset {cfg.dataset!r}: the full-scale trainer takes "
                          f"{', '.join(FULL_DATASETS)}; 'fashion-mnist' trains with "
                          "spade_lib.train")
-    data_dir = cfg.data_dir if cfg.data_dir is not None else os.environ.get("SPADE_DATA_DIR")
+    data_dir = cfg.data_dir if cfg.data_dir is not None else os.environ.get("SPADE_FULL_DATA_DIR")
     if not data_dir:
         raise ValueError(f"dataset {cfg.dataset!r} (preset {cfg.name!r}) needs the real data: "
                          "give --data-dir DIR, the config key data_dir or the environment "
-                         "variable SPADE_DATA_DIR (only the embedded 'fashion-mnist' benchmark "
-                         "ships with the package)")
+                         "variable SPADE_FULL_DATA_DIR (only the embedded 'fashion-mnist' "
+                         "benchmark ships with the package)")
     if (cfg.patch_scale, cfg.patch_alpha) != (_PLANT_SCALE, _PLANT_ALPHA):
         raise ValueError(
             f"patch_scale {cfg.patch_scale} and patch_alpha {cfg.patch_alpha}: TrojanDataset "

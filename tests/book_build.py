@@ -1,6 +1,6 @@
-"""Building the book in a test: the ``jupyter-book build`` call, the chapters and what each page
-must show, shared by the smoke build (tests/test_book_browser.py) and the full-scale one
-(tests/test_book_full_scale.py)."""
+"""Building the book in a test: the tiny full-scale preset it is built at (a synthetic image
+folder with sibling presets beside it), the ``jupyter-book build`` call, the chapters and what
+each page must show (tests/test_book_browser.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,60 @@ import subprocess
 import sys
 from pathlib import Path
 
+import synthetic_data
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 
 CHAPTERS = ("saliency_methods", "additional_results", "hyperparameters", "ablation",
             "gradient_noise", "computational_cost", "examples", "human_evaluation", "fastobc",
             "fidelity", "mask_agreement", "full_evaluation")
 """The chapters A to L, by file name (book/_toc.yml)."""
+
+
+PER_CLASS = {"train": 64, "val": 12}
+RECIPE = {
+    "seed": 0, "dataset": "imagenet", "image_size": 32, "rules": "fashion", "tuning_rules": None,
+    "trojan_fraction": 0.15, "patch_scale": 0.25, "patch_alpha": 0.8, "arch": "resnet20",
+    "width": 8, "pretrained": False, "epochs": 60, "batch_size": 16, "lr": 0.05,
+    "momentum": 0.9, "weight_decay": 0.0005, "lr_step": 40, "lr_gamma": 0.1, "device": "cpu",
+    "pruner": "fastobc", "n_augmentations": 8, "sparsity": 0.9, "samples": 2,
+    "tuning_samples": 1, "methods": ["Saliency", "IntegratedGradients"],
+    "chapter_defaults": "smoke",
+}
+"""The tiny preset: ImageNet's keys at toy sizes, two samples per chapter (chapter B's map browser
+offers both); each fashion rule on 15% of the 128 training images so that the Trojans take hold
+(measured here: 11 of the 48 patched validation images of 8 per class passed the filter; 12 per
+class leave a margin for other machines' training noise); the chapters' per-name defaults
+(visualization steps, the Trojan Lite0's fine-tune) of ``smoke``."""
+SIBLINGS = {
+    "mobilenetv2": {"arch": "mobilenetv2", "epochs": 3, "sparsity": "linear"},
+    "convnext": {"arch": "convnext", "epochs": 3, "optimizer": "adamw", "lr": 0.002,
+                 "weight_decay": 0.05, "warmup_steps": 10, "augment": "convnext",
+                 "sparsity": "linear"},
+}
+"""Chapters B and F's other architectures, three epochs each: whether or not a Trojan takes hold
+in them, the chapters must build (B then says why a model is not explained, F times it on
+patched images)."""
+
+
+
+
+def full_scale_preset(root: Path) -> Path:
+    """Write the tiny full-scale preset under ``root``: the synthetic image folder
+    (:func:`synthetic_data.image_folder`), ``presets/tiny.yaml`` and its sibling presets beside
+    it (``tiny-mobilenetv2.yaml``, ``tiny-convnext.yaml``), the cache in ``root/cache``; returns
+    the preset's path."""
+    folder = synthetic_data.image_folder(root / "folder", PER_CLASS)
+    presets = root / "presets"
+    presets.mkdir(parents=True, exist_ok=True)
+    common = {**RECIPE, "data_dir": str(folder), "cache_dir": str(root / "cache")}
+    preset = presets / "tiny.yaml"
+    preset.write_text(yaml.safe_dump({"name": "tiny", **common}))
+    for suffix, changes in SIBLINGS.items():
+        (presets / f"tiny-{suffix}.yaml").write_text(
+            yaml.safe_dump({**common, "name": f"tiny-{suffix}", **changes}))
+    return preset
 
 
 def build(preset: str, out: Path, **env: str) -> Path:

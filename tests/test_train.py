@@ -84,12 +84,12 @@ def test_full_scale_preset_without_its_data_names_what_to_give(tmp_path, monkeyp
     trains on a synthetic folder); without it the error says how to give it."""
     from spade_lib import datasets
 
-    monkeypatch.delenv("SPADE_DATA_DIR", raising=False)
+    monkeypatch.delenv("SPADE_FULL_DATA_DIR", raising=False)
     big = config.load("imagenet-resnet50", cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="'imagenet'.*needs the real data.*data_dir.*"
-                                         "SPADE_DATA_DIR"):
+                                         "SPADE_FULL_DATA_DIR"):
         train.trained_model(big)
-    monkeypatch.setenv("SPADE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("SPADE_FULL_DATA_DIR", str(tmp_path))
     assert datasets.check_full(big) == tmp_path, "the environment names the folder"
     assert datasets.check_full(big.replace(data_dir="/elsewhere")) == Path("/elsewhere")
 
